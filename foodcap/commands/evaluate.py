@@ -1,0 +1,15 @@
+"""`foodcap evaluate` (placeholder until its issue lands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="foodcap evaluate", description="not implemented yet")
+
+
+def main(argv=None) -> int:
+    build_parser().parse_args(argv)
+    print("foodcap evaluate: not implemented yet", file=sys.stderr)
+    return 1
