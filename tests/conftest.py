@@ -1,0 +1,41 @@
+"""Shared fixtures: paths to the bundled data, tiny models built from configs (no downloads)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+IMAGES = DATA / "images"  # the 18 real photos of ../shared/data/images, with captions.csv
+FOOD_CAPTIONS = DATA / "Captions.csv"  # the Kaggle food dataset's caption file (no images)
+
+
+@pytest.fixture
+def tiny_model_factory():
+    """Build a ClipCaptionModel on the seeded tiny GPT-2: factory(mapping_type=..., **config overrides)."""
+    from foodcap.language import load_language_model
+    from foodcap.model import ClipCaptionModel, ModelConfig
+
+    def make(mapping_type: str = "mlp", seed: int = 0, **overrides) -> ClipCaptionModel:
+        cfg = dict(mapping_type=mapping_type, prefix_length=4, clip_length=4, num_layers=2, clip_dim=64,
+                   gpt2="tiny", clip_model="tiny", only_prefix=True)
+        cfg.update(overrides)
+        torch.manual_seed(seed)
+        return ClipCaptionModel(ModelConfig(**cfg), load_language_model("tiny")).eval()
+
+    return make
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    """Where tests leave files worth looking at after a run (screenshots, reports)."""
+    path = REPO / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
