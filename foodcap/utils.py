@@ -51,3 +51,17 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether model downloads can work at all. HF_HUB_OFFLINE=1 or a failed DNS/TCP check means no:
+    without this, hub clients retry for minutes before giving up on a closed network."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
