@@ -1,0 +1,107 @@
+"""Image loading that never surprises: EXIF orientation applied, every mode converted to RGB, bad files named.
+
+    python -c "from foodcap.images import load_image; print(load_image('Images/inf1.jpg').size)"
+
+`load_image` raises `BadImageError` (a ValueError with `.path` and `.reason`) for the kinds of bad file a
+scraped photo set holds: missing, empty (zero bytes), not an image, truncated, and too large
+(decompression bombs are refused from the header, before any pixel is decoded). Batch jobs catch it,
+skip the file and list it in their report.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Same ceiling as Pillow's decompression-bomb warning (~89.5 Mpx, e.g. 9459 x 9459); a food photo is far below.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Transparent areas become white (a cut-out dish on a white plate), not the black `convert("RGB")` gives.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
+
+MISSING, EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE = "missing", "empty", "not an image", "truncated", "too large"
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; `.reason` is one of missing, empty, not an image, truncated, too large."""
+
+    def __init__(self, path, reason: str, detail: str = ""):
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{self.path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open `source` (path, bytes, file object or PIL image) as an upright RGB PIL image, fully decoded."""
+    if isinstance(source, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(source))
+    label, stream = _open_stream(source)
+    owned = not hasattr(source, "read")  # close what we opened, never the caller's stream
+    try:
+        try:
+            with warnings.catch_warnings():  # the pixel limit is checked below, with a clearer message
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+        except UnidentifiedImageError as exc:
+            raise BadImageError(label, NOT_AN_IMAGE, "the file is not in an image format Pillow can read") from exc
+        except Image.DecompressionBombError as exc:
+            raise BadImageError(label, TOO_LARGE, str(exc)) from exc
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImageError(label, TOO_LARGE, f"{width}x{height} pixels is over the {max_pixels} pixel limit")
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            # Pillow reports a cut-off file as OSError("image file is truncated ...") or a broken stream.
+            raise BadImageError(label, TRUNCATED, str(exc)) from exc
+        return to_rgb(ImageOps.exif_transpose(image))
+    finally:
+        if owned:
+            stream.close()
+
+
+def _open_stream(source) -> tuple[str, BinaryIO]:
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise BadImageError("<bytes>", EMPTY, "no data")
+        return "<bytes>", io.BytesIO(source)
+    if hasattr(source, "read"):
+        return getattr(source, "name", "<stream>"), source
+    path = Path(source)
+    if not path.exists():
+        raise BadImageError(path, MISSING, "no such file")
+    if not path.is_file():
+        raise BadImageError(path, NOT_AN_IMAGE, "not a regular file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, EMPTY, "zero bytes")
+    try:
+        return str(path), open(path, "rb")
+    except OSError as exc:
+        raise BadImageError(path, MISSING, f"cannot be opened: {exc}") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha composited on white, 16-bit/float grayscale rescaled, CMYK/P/L converted."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow's own I/F -> RGB conversion clips at 255, turning a 16-bit photo almost white.
+        pixels = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        gray = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
