@@ -44,19 +44,20 @@ _TORCH = {
     ("torch", "Size"): torch.Size,
 }
 _PLAIN = {
-    ("collections", "OrderedDict"), ("builtins", "slice"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("collections", "OrderedDict"), ("builtins", "slice"), ("__builtin__", "slice"), ("builtins", "set"), ("builtins", "frozenset"),
     ("builtins", "complex"), ("builtins", "bytearray"), ("_codecs", "encode"),
 }
 _NUMPY = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 # What pickling a pandas Series (a DataFrame row) refers to, across pandas 1.x - 3.x.
 _PANDAS = {
     ("pandas", "Series"), ("pandas.core.series", "Series"),
     ("pandas.core.internals.managers", "SingleBlockManager"), ("pandas.core.internals.managers", "BlockManager"),
-    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"), ("pandas", "Index"),
     ("pandas.core.indexes.range", "RangeIndex"), ("pandas.core.indexes.numeric", "Int64Index"),
     ("pandas.core.indexes.numeric", "Float64Index"), ("pandas.core.indexes.numeric", "UInt64Index"),
     ("pandas.core.internals.blocks", "new_block"), ("pandas.core.internals.blocks", "Block"),
