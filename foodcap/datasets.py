@@ -281,6 +281,7 @@ def _find_image_dir(base: Path, names: list[str], fmt: str) -> Path:
     candidates = [base, base / "images", base / "dataset"]
     candidates += sorted(p for p in base.iterdir() if p.is_dir() and p not in candidates) if base.is_dir() else []
     candidates = [c for c in candidates if c.is_dir()]
+    names = list(dict.fromkeys(names))
     sample = names[:: max(1, len(names) // 200)][:200]
     best, best_hits = None, 0
     for folder in candidates:

@@ -53,15 +53,17 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             raise BadImageError(label, NOT_AN_IMAGE, "the file is not in an image format Pillow can read") from exc
         except Image.DecompressionBombError as exc:
             raise BadImageError(label, TOO_LARGE, str(exc)) from exc
+        except OSError as exc:  # a recognised format whose header is cut off
+            raise BadImageError(label, TRUNCATED, str(exc)) from exc
         width, height = image.size
         if width * height > max_pixels:
             raise BadImageError(label, TOO_LARGE, f"{width}x{height} pixels is over the {max_pixels} pixel limit")
         try:
             image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
         except (OSError, SyntaxError, ValueError) as exc:
             # Pillow reports a cut-off file as OSError("image file is truncated ...") or a broken stream.
             raise BadImageError(label, TRUNCATED, str(exc)) from exc
-        return to_rgb(ImageOps.exif_transpose(image))
     finally:
         if owned:
             stream.close()

@@ -1,15 +1,159 @@
-"""`foodcap extract` (placeholder until its issue lands)."""
+"""`foodcap extract` / `python parse_food.py`: CLIP features of a captioned image set, once per image.
+
+    python parse_food.py --clip_model_type RN50x4 --data_path ./food --token_limit 60 --test_size 0.1
+    # -> ./RN50x4_RN_train.pkl, ./RN50x4_RN_test.pkl, ./RN50x4_RN_report.json
+
+Large jobs: run `--num_shards N --shard_index i` for every i (machines, GPUs or a job array sharing --out_dir),
+then the same command with `--merge`. An interrupted run resumes when rerun with the same command.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import re
+import shutil
 import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _default_workers() -> int:
+    # Decoding overlaps the encoder; leave cores for its matmuls on small machines.
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="foodcap extract", description="not implemented yet")
+    p = argparse.ArgumentParser(prog="foodcap extract", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="./data", help="caption file, or the folder holding it")
+    g.add_argument("--image_dir", default=None, help="image folder (default: beside the caption file, or its "
+                   "images/ or dataset/ sub-folder)")
+    g.add_argument("--format", default=None, choices=("kaggle", "table", "coco", "karpathy", "imagefolder", "txt"),
+                   help="caption file layout (default: detected)")
+    g.add_argument("--image_column", default=None, help="image column of a CSV/TSV/JSONL (default: guessed)")
+    g.add_argument("--caption_column", default=None, help="caption column of a CSV/TSV/JSONL (default: guessed)")
+    g.add_argument("--token_limit", type=int, default=None, help="drop captions longer than this many GPT-2 tokens")
+    g.add_argument("--test_size", type=float, default=None, help="test split by image: a fraction, or a count "
+                   ">= 1 (default 0.1; ignored when the dataset defines splits)")
+    g.add_argument("--val_size", type=float, default=None, help="validation split by image (default 0)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the split")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--clip_model_type", default="RN50x4", help="RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, "
+                   "ViT-B/16, ViT-L/14, ViT-L/14@336px, open_clip 'model:pretrained', 'model:/path/weights.pt', "
+                   "'tiny' (offline random weights)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--num_workers", type=int, default=_default_workers(), help="image-decoding worker processes")
+    g = p.add_argument_group("output")
+    g.add_argument("--out_dir", default=".", help="where the stores go")
+    g.add_argument("--output_prefix", default=None, help="file name prefix (default: <clip model>_RN, as the seed)")
+    g.add_argument("--output_format", default="pkl", choices=("pkl", "safetensors"),
+                   help="pkl: ClipCap layout; safetensors: safe, memory-mapped, for large sets")
+    g = p.add_argument_group("resume and sharding")
+    g.add_argument("--resume", action="store_true", help="resume an interrupted run (the default; kept for clarity)")
+    g.add_argument("--no_resume", action="store_true", help="discard partial results and start again")
+    g.add_argument("--save_every", type=int, default=20, help="batches per progress chunk on disk")
+    g.add_argument("--num_shards", type=int, default=1, help="split the images into N disjoint shards")
+    g.add_argument("--shard_index", type=int, default=0, help="which shard this process extracts")
+    g.add_argument("--merge", action="store_true", help="join finished shards into the final stores")
+    g.add_argument("--keep_parts", action="store_true", help="keep the per-batch parts folder after writing")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def output_prefix(clip_model: str) -> str:
+    """The seed's naming: `RN50x4` -> `RN50x4_RN`, `ViT-B/32` -> `ViT-B_32_RN`; weight paths use the file stem."""
+    arch, _, source = clip_model.partition(":")
+    if source and ("/" in source or "\\" in source or "." in Path(source).name):
+        arch = f"{arch}_{Path(source).stem}"
+    elif source:
+        arch = f"{arch}_{source}"
+    return re.sub(r"[^A-Za-z0-9@.+-]+", "_", arch.replace("/", "_")) + "_RN"
 
 
 def main(argv=None) -> int:
-    build_parser().parse_args(argv)
-    print("foodcap extract: not implemented yet", file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    from ..utils import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted; finished batches are saved, rerun the same command to resume")
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _run(args) -> int:
+    from ..datasets import DatasetError, read_dataset
+    from ..extraction import plan_extraction
+    from ..extractor import bad_report, build_stores, merge_parts, run_shard
+    from ..features import save_features
+
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard_index must be in [0, --num_shards={args.num_shards})")
+    dataset = read_dataset(args.data_path, args.format, args.image_dir, args.image_column, args.caption_column)
+    plan = plan_extraction(dataset.records, token_limit=args.token_limit, test_size=args.test_size,
+                           val_size=args.val_size, seed=args.seed)
+    if not plan.images:
+        raise DatasetError(f"{dataset.caption_file}: no captions left to extract ({plan.counts})")
+    if not any(os.path.isfile(p) for p in plan.images[:: max(1, len(plan.images) // 500)]):
+        raise DatasetError(f"none of the images of {dataset.caption_file} exist (e.g. {plan.images[0]}); "
+                           "pass the image folder with --image_dir")
+    out_dir = Path(args.out_dir)
+    prefix = args.output_prefix or output_prefix(args.clip_model_type)
+    parts = out_dir / f"{prefix}_parts"
+    if not args.merge:
+        from ..encoders import load_encoder
+
+        encoder = load_encoder(args.clip_model_type, device=args.device)
+        shard = run_shard(plan, encoder, parts, batch_size=args.batch_size, num_workers=args.num_workers,
+                          shard_index=args.shard_index, num_shards=args.num_shards, save_every=args.save_every,
+                          resume=not args.no_resume)
+        if shard.seconds:
+            log.info("encoded %d images in %.1f s (%.1f images/s)", shard.encoded, shard.seconds,
+                     shard.encoded / shard.seconds)
+        if args.num_shards > 1:
+            log.info("shard %d of %d done in %s; when every shard is done run the same command with --merge",
+                     args.shard_index, args.num_shards, parts)
+            return 0
+    merged = merge_parts(plan, parts, encoder_name=args.clip_model_type, batch_size=args.batch_size,
+                         num_shards=args.num_shards)
+    from ..encoders import encoder_width
+
+    info = merged.encoder
+    dim = int(info.get("clip_dim") or encoder_width(args.clip_model_type) or 0)
+    meta = {"clip_model": args.clip_model_type, "image_size": info.get("image_size"),
+            "preprocess": info.get("preprocess"), "dataset": str(dataset.caption_file), "format": dataset.format,
+            **plan.settings}
+    stores = build_stores(plan, merged, meta, dim)
+    written = {}
+    for split, store in stores.items():
+        written[split] = str(save_features(store, out_dir / f"{prefix}_{split}.{args.output_format}"))
+    skipped = bad_report(plan, merged)
+    report = {"clip_model": args.clip_model_type, "clip_dim": dim, "dataset": str(dataset.caption_file),
+              "image_dir": str(dataset.image_dir), "format": dataset.format,
+              "counts": {**dataset.counts, **plan.counts, "bad_images": len(skipped)},
+              "outputs": {s: {"path": written[s], "images": st.num_images, "captions": len(st)}
+                          for s, st in stores.items()},
+              "skipped": skipped, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from ..utils import write_atomic
+
+    report_path = write_atomic(out_dir / f"{prefix}_report.json", json.dumps(report, indent=1, ensure_ascii=False))
+    if not args.keep_parts:
+        shutil.rmtree(parts, ignore_errors=True)
+    reasons = {}
+    for item in skipped:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    summary = ", ".join(f"{s}: {st.num_images} images / {len(st)} captions -> {written[s]}" for s, st in stores.items())
+    dropped = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
+    print(f"extracted {summary}; skipped images: {dropped}; empty captions: {dataset.counts.get('empty', 0)}, "
+          f"over token limit: {plan.counts.get('over_token_limit', 0)}; report: {report_path}", file=sys.stderr)
+    return 0
