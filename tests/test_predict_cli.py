@@ -1,0 +1,147 @@
+"""`foodcap predict` end to end on the bundled photos with tiny checkpoints (ours and ClipCap-style .pt).
+
+    /work/venv/bin/pytest -x -q tests/test_predict_cli.py
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IMAGES
+from foodcap.captioner import load_captioner
+from foodcap.checkpoint import save_checkpoint
+from foodcap.commands.predict import main
+
+PHOTOS = sorted(str(p) for p in IMAGES.glob("*.jpg"))
+INF = sorted(str(p) for p in IMAGES.glob("inf*.jpg"))
+PERIOD, EOS = 13, 50256
+
+
+@pytest.fixture
+def checkpoint(tiny_model_factory, tmp_path) -> Path:
+    return save_checkpoint(tiny_model_factory("mlp"), tmp_path / "ckpt")
+
+
+def run(capsys, *argv) -> tuple[int, list[list[str]], str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, [line.split("\t") for line in captured.out.splitlines()], captured.err
+
+
+def favour_token(model, token_id: int):
+    """Make GPT-2 predict `token_id` at every position (a large final-norm bias along its tied embedding)."""
+    gpt = model.gpt
+    assert gpt.lm_head.weight.data_ptr() == gpt.transformer.wte.weight.data_ptr()  # tied, as in GPT-2
+    direction = torch.zeros(gpt.config.n_embd)
+    direction[0] = 1.0
+    with torch.no_grad():
+        gpt.transformer.wte.weight[token_id] = direction
+        gpt.transformer.ln_f.bias += 20 * direction
+    return model
+
+
+def test_captions_a_folder_and_reports_broken_images(checkpoint, tmp_path, capsys):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not a photo")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(Path(INF[0]).read_bytes()[:3000])
+    missing = tmp_path / "missing.jpg"
+    out = tmp_path / "captions.jsonl"
+    code, lines, err = run(capsys, "--load_pt", checkpoint, "--img", IMAGES, not_image, truncated, missing,
+                           "--max_length", 5, "--out", out)
+    assert code == 1
+    assert [line[0] for line in lines] == PHOTOS  # every good photo, in order; captions.csv is not an image
+    assert all(len(line) == 2 and line[1].strip() for line in lines)
+    for path, reason in ((not_image, "not an image"), (truncated, "truncated"), (missing, "missing")):
+        assert any(str(path) in row and reason in row for row in err.splitlines()), (path, err)
+    records = [json.loads(row) for row in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == PHOTOS + [str(not_image), str(truncated), str(missing)]
+    assert [r["caption"] for r in records[:len(PHOTOS)]] == [line[1] for line in lines]
+    assert all("error" in r for r in records[len(PHOTOS):])
+    # the CLI's default sampling is the library's, image for image
+    library = load_captioner(checkpoint, device="cpu").caption(PHOTOS[:3], do_sample=True, temperature=1.0,
+                                                                top_p=0.8, seed=0, max_new_tokens=5)
+    assert library == [line[1] for line in lines[:3]]
+
+
+def test_same_command_same_captions_and_flags_change_them(checkpoint, capsys):
+    args = ["--load_pt", checkpoint, "--img", f"{IMAGES}/inf*.jpg", "--max_length", 6]
+    code, first, _ = run(capsys, *args)
+    assert code == 0 and [line[0] for line in first] == INF  # a glob
+    assert run(capsys, *args)[1] == first
+    assert run(capsys, *args, "--seed", 1)[1] != first
+    assert run(capsys, *args, "--temp", 0.5)[1] != first
+    greedy = run(capsys, *args, "--greedy")[1]
+    captioner = load_captioner(checkpoint, device="cpu")
+    assert [line[1] for line in greedy] == captioner.caption(INF, max_new_tokens=6)
+    code, beams, _ = run(capsys, *args, "--beam", "--beam_size", 3, "--num_captions", 2, "--batch_size", 3)
+    assert code == 0 and all(len(line) == 3 for line in beams)
+    expected = captioner.caption(INF, num_beams=3, num_return_sequences=2, max_new_tokens=6)
+    assert [line[1:] for line in beams] == expected
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_out_files(checkpoint, tmp_path, capsys, suffix):
+    out = tmp_path / "results" / f"captions{suffix}"
+    code, lines, _ = run(capsys, "--load_pt", checkpoint, "--img", *INF, "--max_length", 4, "--greedy", "--out", out)
+    assert code == 0
+    if suffix == ".json":
+        data = json.loads(out.read_text())
+        assert data["decoding"]["do_sample"] is False
+        pairs = [(r["image"], r["caption"]) for r in data["results"]]
+    else:
+        rows = list(csv.DictReader(out.open()))
+        pairs = [(r["image"], r["caption"]) for r in rows]
+        assert {r["rank"] for r in rows} == {"1"}
+    assert pairs == [tuple(line) for line in lines]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
+
+
+def test_default_checkpoint_path_is_the_forks(tiny_model_factory, tmp_path, monkeypatch, capsys):
+    save_checkpoint(tiny_model_factory("mlp"), tmp_path / "model_checkpoints" / "best")
+    monkeypatch.chdir(tmp_path)
+    code, lines, _ = run(capsys, "--img", INF[0], "--max_length", 3)
+    assert code == 0 and lines[0][0] == INF[0]
+
+
+def test_encoder_width_mismatch_fails_before_any_image_is_read(tiny_model_factory, tmp_path, capsys):
+    ckpt = save_checkpoint(tiny_model_factory("mlp", clip_dim=32), tmp_path / "ckpt32")
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("x")
+    code, lines, err = run(capsys, "--load_pt", ckpt, "--img", broken)
+    assert code == 2 and not lines
+    assert "64" in err and "32" in err and "broken.jpg" not in err
+
+
+def test_bad_checkpoint_and_bad_options_are_clear_errors(checkpoint, tmp_path, capsys):
+    code, _, err = run(capsys, "--load_pt", tmp_path / "nowhere", "--img", INF[0])
+    assert code == 2 and "nowhere" in err
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--img", INF[0], "--out", tmp_path / "c.txt")
+    assert code == 2 and ".txt" in err
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--img", INF[0], "--greedy", "--num_captions", 2)
+    assert code == 2 and "greedy" in err
+    code, lines, err = run(capsys, "--load_pt", checkpoint, "--img", f"{tmp_path}/*.png", INF[0], "--max_length", 3)
+    assert code == 1 and len(lines) == 1 and "no files match" in err
+
+
+def test_clipcap_pt_stops_at_a_period_that_stays_in_the_caption(tiny_model_factory, tmp_path, capsys):
+    model = favour_token(tiny_model_factory("mlp", only_prefix=False), PERIOD)
+    torch.save(model.state_dict(), tmp_path / "coco_weights.pt")  # how ClipCap saves its checkpoints
+    args = ["--load_pt", tmp_path / "coco_weights.pt", "--clip_model_type", "tiny", "--img", *INF, "--max_length", 4]
+    for mode in ("--greedy", "--beam", "--temp=1.0"):
+        code, lines, _ = run(capsys, *args, mode)
+        assert code == 0 and [line[1] for line in lines] == ["."] * len(INF)
+    assert {line[1] for line in run(capsys, *args, "--stop_token", ",")[1]} == {"...."}  # max_length tokens
+    # our checkpoints stop at EOS instead: the same weights run on to the length limit
+    ours = save_checkpoint(model, tmp_path / "ours")
+    assert {line[1] for line in run(capsys, "--load_pt", ours, "--img", INF[0], "--max_length", 4)[1]} == {"...."}
+
+
+def test_our_checkpoint_drops_the_eos_it_stops_at(tiny_model_factory, tmp_path, capsys):
+    ckpt = save_checkpoint(favour_token(tiny_model_factory("mlp", only_prefix=False), EOS), tmp_path / "eos")
+    code, lines, _ = run(capsys, "--load_pt", ckpt, "--img", INF[0], "--max_length", 4, "--beam")
+    assert code == 0 and lines == [[INF[0], ""]]
