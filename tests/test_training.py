@@ -1,0 +1,298 @@
+"""Training library: labels and padding, the lean loss vs ClipCap's full-logit loss, learning, frozen GPT-2,
+kill-and-resume, NaN stop, data and checkpoint errors, token cache.   pytest -x -q tests/test_training.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from foodcap.features import FeatureStore, save_features
+from foodcap.language import load_language_model, load_tokenizer
+from foodcap.train_data import (IGNORE_INDEX, CaptionDataset, GlobalBatchSampler, MicroBatch, TrainingDataError,
+                                tokenize_captions)
+from foodcap.training import CaptionLoss, TrainConfig, TrainingDiverged, effective_warmup, train
+
+FOODS = ["soup", "salad", "cake", "pasta", "bread", "rice", "fish", "pie"]
+
+
+def write_store(path: Path, *, n_images: int = 8, per_image: int = 2, dim: int = 64, seed: int = 0,
+                clip_model: str | None = "tiny", split: str = "train", captions=None) -> Path:
+    """A small feature store in ClipCap's pickle layout (plus meta), with captions that depend on the image."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n_images, dim, generator=gen)
+    records = []
+    for i in range(n_images):
+        for j in range(per_image):
+            text = captions(i, j) if captions else f"A bowl of {FOODS[i % len(FOODS)]} on a {'red' if j else 'wooden'} table."
+            records.append({"image_id": f"img{i}", "caption": text, "clip_embedding": i})
+    save_features(FeatureStore(emb, records, {"clip_model": clip_model, "split": split}), path)
+    return path
+
+
+def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
+    cfg = dict(data=str(tmp_path / "tiny_train.pkl"), out_dir=str(tmp_path / "out"), gpt2="tiny", epochs=2, bs=4,
+               mapping_type="mlp", prefix_length=4, clip_length=4, num_layers=2, lr=1e-3, warmup_steps=0,
+               save_every=0, log_every=1, seed=0)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def state_of(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def make_batch(store, tokenizer, indices):
+    tokens = tokenize_captions([c["caption"] for c in store.captions], tokenizer, use_cache=False)
+    dataset = CaptionDataset(store, tokens, max_tokens=64, filler_id=tokenizer.eos_token_id)
+    return dataset, dataset[MicroBatch(tuple(indices), 0)]
+
+
+def test_labels_ignore_padding_only_and_keep_token_zero(tokenizer):
+    texts = ["Soup!", "A big plate of pasta with cheese and basil on a wooden table", "!"]
+    store = FeatureStore(torch.randn(3, 8), [{"image_id": str(i), "caption": t, "clip_embedding": i} for i, t in enumerate(texts)])
+    dataset, batch = make_batch(store, tokenizer, [0, 1, 2])
+    eos = tokenizer.eos_token_id
+    for row, text in enumerate(texts):
+        expected = tokenizer.encode(text) + [eos]  # the caption, then end-of-text so the model learns to stop
+        n = len(expected)
+        assert batch["labels"][row, :n].tolist() == expected
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()  # padding never gets a real id as label
+        assert dataset.tokens[row].tolist() == expected  # the cache holds unpadded tokens
+    assert 0 in batch["labels"][2].tolist() and 0 in batch["labels"][0].tolist()  # "!" is token 0 and a label
+    assert batch["tokens"].shape == batch["labels"].shape == (3, len(tokenizer.encode(texts[1])) + 1)
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+@pytest.mark.parametrize("only_prefix", [True, False])
+def test_lean_loss_equals_full_logit_clipcap_loss(tiny_model_factory, tokenizer, mapping_type, only_prefix):
+    model = tiny_model_factory(mapping_type, only_prefix=only_prefix)
+    texts = ["Soup!", "Pasta with cheese and basil on a plate", "A cake.", "!"]
+    gen = torch.Generator().manual_seed(1)
+    store = FeatureStore(torch.randn(4, 64, generator=gen),
+                         [{"image_id": str(i), "caption": t, "clip_embedding": i} for i, t in enumerate(texts)])
+    _, batch = make_batch(store, tokenizer, range(4))
+    p = model.prefix_length
+    # ClipCap's objective recomputed plainly: masked full forward, logits of every position, CE on caption tokens.
+    mask = torch.cat((torch.ones(4, p), (batch["labels"] != IGNORE_INDEX).float()), dim=1)
+    logits = model(batch["tokens"], batch["prefix"], mask).logits[:, p - 1:-1]  # (B, T, V)
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    ref_grads = torch.autograd.grad(reference, trainable)
+    loss_sum, n = CaptionLoss(model)(batch["tokens"], batch["prefix"], batch["labels"])
+    ours = loss_sum / n
+    grads = torch.autograd.grad(ours, trainable)
+    assert int(n) == int((batch["labels"] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    if only_prefix:
+        assert not any(q.requires_grad for q in model.gpt.parameters())
+
+
+class WatchFrozenGpt:
+    """Callback: at every step, frozen GPT-2 must be untouched, gradient-free and without dropout."""
+
+    def __init__(self):
+        self.reference = load_language_model("tiny").state_dict()
+        self.checked = 0
+
+    def on_step_end(self, ctx):
+        gpt = ctx.model.gpt
+        assert not gpt.training
+        for name, param in gpt.named_parameters():
+            assert param.grad is None and not param.requires_grad, name
+            assert torch.equal(param, self.reference[name]), name
+        self.checked += 1
+
+
+def test_frozen_training_learns_bang_and_leaves_gpt2_bit_identical(tmp_path, tokenizer):
+    # Every caption is "!" (token 0, ClipCap's pad id): it must be learned, not ignored.
+    write_store(tmp_path / "tiny_train.pkl", captions=lambda i, j: "!")
+    watch = WatchFrozenGpt()
+    cfg = tiny_config(tmp_path, only_prefix=True, lr=1e-2, epochs=4, no_val=True)
+    best = train(cfg, callbacks=[watch])
+    assert watch.checked == 16
+    log = [r for r in records(Path(cfg.out_dir)) if "train_loss" in r]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 1.0  # the loss decreases
+    from foodcap.checkpoint import load_model
+    from foodcap.features import load_features
+
+    model = load_model(best)
+    store = load_features(tmp_path / "tiny_train.pkl")
+    with torch.no_grad():
+        prefix = model.embed_prefix(store.embeddings)  # (N, P, D)
+        logits = model.gpt(inputs_embeds=prefix).logits[:, -1]  # next token after the prefix
+    # A frozen random tiny GPT-2 cannot become confident (its logits are small), but "!" must now be its first choice.
+    assert (logits.argmax(-1) == 0).all()
+
+
+class Kill:
+    """Callback that dies at a given step, as a killed process would (no checkpoint written then)."""
+
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, ctx):
+        if ctx.step == self.at_step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    write_store(tmp_path / "tiny_train.pkl")
+    write_store(tmp_path / "tiny_test.pkl", n_images=2, seed=5, split="test")
+    # Tuned GPT-2 with dropout: resume must restore RNG as well as model/optimizer/scheduler/step.
+    common = dict(only_prefix=False, epochs=2, save_steps=2, warmup_steps=3)
+    train(tiny_config(tmp_path, out_dir=str(tmp_path / "a"), **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, out_dir=str(tmp_path / "b"), **common), callbacks=[Kill(7)])
+    state = torch.load(tmp_path / "b" / "latest" / "trainer_state.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (6, 1, 2)
+    train(tiny_config(tmp_path, out_dir=str(tmp_path / "b"), resume=True, **common))
+    a, b = state_of(tmp_path / "a" / "latest"), state_of(tmp_path / "b" / "latest")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_a, log_b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a]  # nothing logged twice
+    assert [r.get("train_loss") for r in log_b] == [r.get("train_loss") for r in log_a]
+    assert log_a[0]["lr"] == pytest.approx(1e-3 / 2)  # warm-up capped: min(3, 10% of 8 steps) = 1 step
+    assert (tmp_path / "b" / "loss_curve.png").stat().st_size > 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    write_store(tmp_path / "tiny_train.pkl")
+
+    class Poison:
+        def on_step_end(self, ctx):
+            if ctx.step == 3:
+                with torch.no_grad():
+                    ctx.model.clip_project.model[0].weight.fill_(float("nan"))
+
+    cfg = tiny_config(tmp_path, only_prefix=True, epochs=2, save_steps=2, no_val=True)
+    with pytest.raises(TrainingDiverged, match=r"nan.*step 4.*latest"):
+        train(cfg, callbacks=[Poison()])
+    state = torch.load(Path(cfg.out_dir) / "latest" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state_of(Path(cfg.out_dir) / "latest").values())
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import foodcap.training
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was built before the data error was reported")
+
+    monkeypatch.setattr(foodcap.training, "build_model", fail)
+
+
+def test_data_errors_come_before_any_model(tmp_path, no_model):
+    empty = tmp_path / "empty_train.pkl"
+    save_features(FeatureStore(torch.zeros(0, 64), [], {"clip_model": "tiny"}), empty)
+    with pytest.raises(TrainingDataError, match="empty"):
+        train(tiny_config(tmp_path, data=str(empty)))
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        train(tiny_config(tmp_path, data=str(tmp_path / "missing_train.pkl")))
+    write_store(tmp_path / "tiny_train.pkl", dim=64)
+    write_store(tmp_path / "other.pkl", dim=32, clip_model=None)
+    with pytest.raises(TrainingDataError, match=r"32-d.*64-d"):
+        train(tiny_config(tmp_path, val_data=str(tmp_path / "other.pkl")))
+    blank = tmp_path / "blank_train.pkl"
+    write_store(blank, captions=lambda i, j: "  " if (i, j) == (3, 1) else "soup")
+    with pytest.raises(TrainingDataError, match=r"captions\[7\].*no caption text"):
+        train(tiny_config(tmp_path, data=str(blank)))
+    vit = tmp_path / "vit_train.pkl"
+    write_store(vit, dim=512, clip_model="ViT-B/32")
+    with pytest.raises(TrainingDataError, match="--is_rn.*ViT-B/32"):
+        train(tiny_config(tmp_path, data=str(vit), is_rn=True))
+
+
+def test_init_from_clipcap_pt_and_checkpoint_dir(tmp_path, tiny_model_factory):
+    from foodcap.checkpoint import CheckpointError
+
+    write_store(tmp_path / "tiny_train.pkl")
+    source = tiny_model_factory("transformer", seed=3, only_prefix=False)
+    (tmp_path / "pt").mkdir()
+    torch.save(source.state_dict(), tmp_path / "pt" / "clipcap.pt")  # an original ClipCap file: mapper + GPT-2
+    # Architecture comes from the file; lr 0 keeps the weights, so latest/ must hold exactly the file's.
+    cfg = tiny_config(tmp_path, mapping_type=None, prefix_length=None, clip_length=None, num_layers=None,
+                      init_from=str(tmp_path / "pt"), lr=0.0, max_steps=1, only_prefix=True, no_val=True)
+    train(cfg)
+    saved = state_of(Path(cfg.out_dir) / "latest")
+    expected = {k: v for k, v in source.state_dict().items() if k != "gpt.lm_head.weight"}
+    assert saved.keys() == expected.keys()  # GPT-2 came from the file, so it is saved too
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+    # Our own checkpoint directory works as a starting point as well.
+    cfg2 = tiny_config(tmp_path, mapping_type=None, prefix_length=None, clip_length=None, num_layers=None,
+                       init_from=str(Path(cfg.out_dir) / "latest"), lr=0.0, max_steps=1, only_prefix=True,
+                       no_val=True, out_dir=str(tmp_path / "out2"))
+    train(cfg2)
+    assert torch.equal(state_of(Path(cfg2.out_dir) / "latest")["clip_project.prefix_const"], expected["clip_project.prefix_const"])
+    with pytest.raises(CheckpointError, match=r"prefix_length: flag 6 vs checkpoint 4"):
+        train(tiny_config(tmp_path, mapping_type=None, prefix_length=6, init_from=str(tmp_path / "pt" / "clipcap.pt")))
+    # Shapes that differ where no flag speaks (a 32-d mapper on 64-d data) are named too.
+    small = tiny_model_factory("mlp", clip_dim=32)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    with pytest.raises(CheckpointError, match=r"clip_dim: data 64 vs checkpoint 32"):
+        train(tiny_config(tmp_path, init_from=str(tmp_path / "small.pt")))
+
+
+def test_token_cache_is_keyed_by_content(tmp_path, tokenizer):
+    class CountingTokenizer:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, texts):
+            self.calls += 1
+            return tokenizer(texts)
+
+    path = write_store(tmp_path / "c_train.pkl")
+    from foodcap.features import load_features
+
+    texts = [c["caption"] for c in load_features(path).captions]
+    counting = CountingTokenizer()
+    first = tokenize_captions(texts, counting, data_path=path)
+    second = tokenize_captions(texts, counting, data_path=path)
+    assert counting.calls == 1 and torch.equal(first.flat, second.flat)
+    caches = list(tmp_path.glob("c_train_tokens-*.pt"))
+    assert len(caches) == 1
+    edited = texts[:-1] + ["A plate of fish."]  # same file name, different content: the cache must not be reused
+    third = tokenize_captions(edited, counting, data_path=path)
+    assert counting.calls == 2 and third[len(texts) - 1].tolist() == tokenizer.encode("A plate of fish.") + [tokenizer.eos_token_id]
+    assert [p.name for p in tmp_path.glob("c_train_tokens-*.pt")] != [caches[0].name]
+
+
+def test_global_batches_do_not_depend_on_process_count():
+    lengths = torch.randint(3, 20, (23,))
+    single = GlobalBatchSampler(lengths, 8, seed=1)
+    shards = [list(GlobalBatchSampler(lengths, 8, num_processes=2, process_index=r, grad_accum=2, seed=1)) for r in range(2)]
+    one = list(single)
+    assert single.steps_per_epoch == 3  # 8 + 8 + 7 captions
+    for step, batch in enumerate(one):
+        parts = [mb for shard in shards for mb in shard[step * 2:(step + 1) * 2]]
+        assert sorted(i for mb in parts for i in mb.indices) == sorted(batch.indices)
+        assert {mb.global_tokens for mb in parts} == {batch.global_tokens} == {int(lengths[list(batch.indices)].sum())}
+
+
+def test_warmup_is_capped_to_a_share_of_short_runs():
+    assert effective_warmup(5000, 200_000) == 5000
+    assert effective_warmup(5000, 300) == 30
+    assert effective_warmup(10, 1000) == 10
