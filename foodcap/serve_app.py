@@ -119,7 +119,7 @@ def create_app(captioner, config: Optional[ServeConfig] = None, *, caption_fn=No
         inputs = [files, mode, temperature, top_p, num_beams, num_captions, seed, max_new_tokens]
         if example_photos(config):
             gr.Examples(examples=[[[path]] for path in example_photos(config)], inputs=[files],
-                        label="Example photos (click one)")
+                        label="Example photos (click one)", elem_id="examples")
         mode.change(show_mode_controls, inputs=[mode],
                     outputs=[temperature, top_p, num_beams, num_captions, seed], queue=False, api_visibility="private")
         # Clear the last answer first, so that a refused request never leaves it looking like this one's.
