@@ -286,11 +286,11 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps and not self.ctx.should_stop:
                 self._run_epoch(tqdm)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self.runlog.export(plot=True)
         finally:
-            acc.end_training()
-        if acc.is_main_process:
-            self.runlog.export(plot=True)
-        acc.wait_for_everyone()
+            acc.end_training()  # closes trackers (and, under torchrun, the process group)
         return self.out_dir / "best"
 
     def _run_epoch(self, tqdm) -> None:
