@@ -171,7 +171,8 @@ def _greedy_or_sample(lm: CachedLM, prefix_embeds: torch.Tensor, stop_ids: torch
     rows = num_images * samples
     uniforms = None
     if options.sampling:  # (B*S, L): row (image, j) uses stream j, whatever else is in the batch
-        uniforms = sample_uniforms(options.seed, samples, steps).repeat(num_images, 1).to(device)
+        streams = sample_uniforms(options.seed, samples, steps).float()  # float32 before moving: MPS has no float64
+        uniforms = streams.repeat(num_images, 1).to(device)
     history = torch.zeros(rows, steps, dtype=torch.long, device=device)  # (R, L)
     lengths = torch.full((rows,), steps, dtype=torch.long, device=device)
     alive = torch.arange(rows, device=device)  # rows still generating, in cache order

@@ -34,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decoding (default: nucleus sampling at --temp, seeded)")
     g.add_argument("--beam", action="store_true", help="beam search, ranked as ClipCap ranks it")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (ClipCap's non-beam path)")
-    g.add_argument("--temp", type=float, default=1.0, help="temperature (sampling, and beam scores as in ClipCap)")
+    g.add_argument("--temp", type=float, default=1.0, help="temperature of sampling (0: greedy) and of beam scores, as in ClipCap")
     g.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass")
     g.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: no limit)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed: the same command prints the same captions")
-    g.add_argument("--beam_size", type=int, default=5)
+    g.add_argument("--beam_size", type=int, default=5, help="beams per image with --beam")
     g.add_argument("--num_captions", type=int, default=1, help="captions per image: the n best beams or n samples")
     g.add_argument("--max_length", type=int, default=67, help="most tokens per caption")
     g.add_argument("--stop_token", default=None, help="text token that ends a caption and stays in it (default: "
