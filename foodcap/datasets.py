@@ -81,9 +81,12 @@ def read_dataset(path: str | os.PathLike, format: Optional[str] = None, image_di
               "imagefolder": _read_imagefolder, "txt": _read_txt}[fmt]
     rows = reader(caption_file, image_column=image_column, caption_column=caption_column)  # (relative image, caption, id, split)
     base = caption_file if caption_file.is_dir() else caption_file.parent
-    root = Path(image_dir).expanduser() if image_dir else _find_image_dir(base, [r[0] for r in rows], fmt)
-    records, empty = [], 0
+    root = Path(image_dir).expanduser() if image_dir else _find_image_dir(base, [r[0] for r in rows if r[0]], fmt)
+    records, empty, no_image = [], 0, 0
     for rel, caption, image_id, split in rows:
+        if rel is None:
+            no_image += 1
+            continue
         caption = clean_caption(caption)
         if not caption:
             empty += 1
@@ -91,7 +94,11 @@ def read_dataset(path: str | os.PathLike, format: Optional[str] = None, image_di
         records.append(CaptionRecord(str(root / rel), caption, image_id, split))
     if fmt == "kaggle":
         records = _resolve_kaggle_suffixes(records, root)
-    dataset = Dataset(records, fmt, caption_file, root, {"rows": len(rows), "empty": empty})
+    counts = {"rows": len(rows), "empty": empty}
+    if no_image:
+        log.warning("%s: %d caption rows name no (known) image; skipped", caption_file, no_image)
+        counts["no_image"] = no_image
+    dataset = Dataset(records, fmt, caption_file, root, counts)
     log.info("%s", dataset)
     return dataset
 
@@ -168,12 +175,11 @@ def _read_table(path: Path, image_column=None, caption_column=None, **_):
     caption_key = _pick_column(path, columns, caption_column, CAPTION_COLUMNS, "--caption_column")
     split_key = "split" if "split" in columns else None
     out = []
-    for i, row in enumerate(rows):
+    for row in rows:
         image = row.get(image_key)
-        if image in (None, ""):
-            raise DatasetError(f"{path}: row {i + 1} has no value in image column {image_key!r}")
+        image = None if image in (None, "") else str(image)  # counted and skipped by read_dataset
         split = SPLIT_NAMES.get(str(row.get(split_key)).lower()) if split_key else None
-        out.append((str(image), row.get(caption_key), str(image), split))
+        out.append((image, row.get(caption_key), image, split))
     return out
 
 
@@ -207,11 +213,8 @@ def _read_coco(path: Path, **_):
     data = _load_json(path)
     files = {img["id"]: img["file_name"] for img in data.get("images", [])}
     out = []
-    for ann in data.get("annotations", []):
-        if ann.get("image_id") not in files:
-            raise DatasetError(f"{path}: annotation {ann.get('id')} names image_id {ann.get('image_id')!r}, "
-                               "which is not in images[]")
-        out.append((files[ann["image_id"]], ann.get("caption"), ann["image_id"], None))
+    for ann in data.get("annotations", []):  # an image_id missing from images[] is counted and skipped
+        out.append((files.get(ann.get("image_id")), ann.get("caption"), ann.get("image_id"), None))
     return out
 
 

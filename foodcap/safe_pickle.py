@@ -7,7 +7,8 @@
 `torch.load(weights_only=True)`), numpy arrays and scalars, plain containers, and the pandas Series the food
 fork stored as captions. Any other global raises `UnsafePickleError` naming the file and the global.
 
-`read_torchscript_tensors` reads the tensors of a TorchScript archive (OpenAI's CLIP `.pt` files) as a flat
+`read_state_dict` reads model weights from safetensors, torch.save files (weights_only) or TorchScript
+archives; `read_torchscript_tensors` reads the tensors of a TorchScript archive (OpenAI's CLIP `.pt` files) as a flat
 state dict: module objects become plain attribute records and their TorchScript code is never loaded.
 """
 from __future__ import annotations
@@ -165,3 +166,28 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     walk(root, "")
     return tensors
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, came from TorchScript) from safetensors, torch.save (weights_only) or a TorchScript archive.
+
+    Training checkpoints wrapping the weights as {"state_dict": ...} are unwrapped. Raises UnsafePickleError
+    for anything that is not a mapping of names to tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith("constants.pkl") for n in archive.namelist()):
+                return read_torchscript_tensors(path), True
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickleError(f"{path}: refused by torch.load(weights_only=True): {exc}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UnsafePickleError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    return obj, False

@@ -61,7 +61,8 @@ def test_kaggle_layout_finds_images_beside_or_in_subfolder(tmp_path, sub):
 
 def test_table_csv_tsv_jsonl(tmp_path):
     make_photos(tmp_path / "pics", ["a.jpg", "b.jpg"])
-    rows = [{"photo": "a.jpg", "desc": "one"}, {"photo": "b.jpg", "desc": "two"}, {"photo": "a.jpg", "desc": "three"}]
+    rows = [{"photo": "a.jpg", "desc": "one"}, {"photo": "b.jpg", "desc": "two"}, {"photo": "", "desc": "lost"},
+            {"photo": "a.jpg", "desc": "three"}]
     with open(tmp_path / "c.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["photo", "desc"])
         w.writeheader()
@@ -78,6 +79,7 @@ def test_table_csv_tsv_jsonl(tmp_path):
         assert data.format == "table" and data.image_dir == tmp_path / "pics"
         assert [(Path(r.image_path).name, r.caption) for r in data.records] == [("a.jpg", "one"), ("b.jpg", "two"),
                                                                                 ("a.jpg", "three")]
+        assert data.counts["no_image"] == 1
     with pytest.raises(DatasetError, match="no column 'nope'"):
         read_dataset(tmp_path / "c.csv", image_column="nope", caption_column="desc")
 
@@ -97,10 +99,10 @@ def test_coco_json(tmp_path):
     data = read_dataset(tmp_path / "captions_val2014.json")
     assert data.format == "coco" and data.image_dir == tmp_path / "val2014"
     assert [(r.image_id, r.caption) for r in data.records] == [(1, "A dog."), (2, "A cat"), (1, "A brown dog")]
-    coco["annotations"].append({"id": 13, "image_id": 99, "caption": "ghost"})
+    coco["annotations"].append({"id": 13, "image_id": 99, "caption": "ghost"})  # no such image: skipped, counted
     (tmp_path / "bad.json").write_text(json.dumps(coco))
-    with pytest.raises(DatasetError, match="image_id 99"):
-        read_dataset(tmp_path / "bad.json")
+    data = read_dataset(tmp_path / "bad.json")
+    assert len(data.records) == 3 and data.counts["no_image"] == 1
 
 
 def test_karpathy_json_keeps_its_split(tmp_path):

@@ -27,10 +27,9 @@ def _default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="foodcap extract", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="foodcap extract", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="./data", help="caption file, or the folder holding it")
+    g.add_argument("--data_path", default="./data", help="caption file, or the folder holding it (default ./data)")
     g.add_argument("--image_dir", default=None, help="image folder (default: beside the caption file, or its "
                    "images/ or dataset/ sub-folder)")
     g.add_argument("--format", default=None, choices=("kaggle", "table", "coco", "karpathy", "imagefolder", "txt"),
@@ -41,23 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_size", type=float, default=None, help="test split by image: a fraction, or a count "
                    ">= 1 (default 0.1; ignored when the dataset defines splits)")
     g.add_argument("--val_size", type=float, default=None, help="validation split by image (default 0)")
-    g.add_argument("--seed", type=int, default=42, help="seed of the split")
+    g.add_argument("--seed", type=int, default=42, help="seed of the split (default 42)")
     g = p.add_argument_group("encoder")
     g.add_argument("--clip_model_type", default="RN50x4", help="RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, "
                    "ViT-B/16, ViT-L/14, ViT-L/14@336px, open_clip 'model:pretrained', 'model:/path/weights.pt', "
-                   "'tiny' (offline random weights)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--num_workers", type=int, default=_default_workers(), help="image-decoding worker processes")
+                   "'tiny' (offline random weights); default RN50x4")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    g.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
+    g.add_argument("--num_workers", type=int, default=_default_workers(), help="image-decoding worker processes (default: half the CPU cores, at most 8)")
     g = p.add_argument_group("output")
-    g.add_argument("--out_dir", default=".", help="where the stores go")
+    g.add_argument("--out_dir", default=".", help="where the stores go (default: the current folder)")
     g.add_argument("--output_prefix", default=None, help="file name prefix (default: <clip model>_RN, as the seed)")
     g.add_argument("--output_format", default="pkl", choices=("pkl", "safetensors"),
-                   help="pkl: ClipCap layout; safetensors: safe, memory-mapped, for large sets")
+                   help="pkl (default): ClipCap layout; safetensors: safe, memory-mapped, for large sets")
     g = p.add_argument_group("resume and sharding")
     g.add_argument("--resume", action="store_true", help="resume an interrupted run (the default; kept for clarity)")
     g.add_argument("--no_resume", action="store_true", help="discard partial results and start again")
-    g.add_argument("--save_every", type=int, default=20, help="batches per progress chunk on disk")
+    g.add_argument("--save_every", type=int, default=20, help="batches per progress chunk on disk (default 20)")
     g.add_argument("--num_shards", type=int, default=1, help="split the images into N disjoint shards")
     g.add_argument("--shard_index", type=int, default=0, help="which shard this process extracts")
     g.add_argument("--merge", action="store_true", help="join finished shards into the final stores")
