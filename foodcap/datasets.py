@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .images import IMAGE_SUFFIXES, find_image_dir, resolve_suffixes
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("kaggle", "table", "coco", "karpathy", "imagefolder", "txt")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "file_name", "filename", "image_path", "image_file", "path", "img", "file")
 CAPTION_COLUMNS = ("caption", "text", "captions", "sentence", "description", "raw")
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
@@ -81,7 +82,9 @@ def read_dataset(path: str | os.PathLike, format: Optional[str] = None, image_di
               "imagefolder": _read_imagefolder, "txt": _read_txt}[fmt]
     rows = reader(caption_file, image_column=image_column, caption_column=caption_column)  # (relative image, caption, id, split)
     base = caption_file if caption_file.is_dir() else caption_file.parent
-    root = Path(image_dir).expanduser() if image_dir else _find_image_dir(base, [r[0] for r in rows if r[0]], fmt)
+    names = [r[0] for r in rows if r[0]]
+    root = Path(image_dir).expanduser() if image_dir else base if fmt in ("imagefolder", "txt") else \
+        find_image_dir(base, names, match_stem=fmt == "kaggle")
     records, empty, no_image = [], 0, 0
     for rel, caption, image_id, split in rows:
         if rel is None:
@@ -92,8 +95,9 @@ def read_dataset(path: str | os.PathLike, format: Optional[str] = None, image_di
             empty += 1
             continue
         records.append(CaptionRecord(str(root / rel), caption, image_id, split))
-    if fmt == "kaggle":
-        records = _resolve_kaggle_suffixes(records, root)
+    if fmt == "kaggle":  # `{Index}.jpg` as named, or the same stem with the suffix that exists
+        found = resolve_suffixes([r.image_path for r in records], root)
+        records = [CaptionRecord(p, r.caption, r.image_id, r.split) for p, r in zip(found, records)]
     counts = {"rows": len(rows), "empty": empty}
     if no_image:
         log.warning("%s: %d caption rows name no (known) image; skipped", caption_file, no_image)
@@ -273,50 +277,3 @@ def _as_id(value: str):
         return int(float(value)) if value.replace(".", "", 1).isdigit() else value
     except ValueError:
         return value
-
-
-# ------------------------------------------------------------------------------------------ image folders
-
-def _find_image_dir(base: Path, names: list[str], fmt: str) -> Path:
-    """The folder (base, images/, dataset/ or another sub-folder) holding most of the named images."""
-    if fmt in ("imagefolder", "txt"):
-        return base
-    candidates = [base, base / "images", base / "dataset"]
-    candidates += sorted(p for p in base.iterdir() if p.is_dir() and p not in candidates) if base.is_dir() else []
-    candidates = [c for c in candidates if c.is_dir()]
-    names = list(dict.fromkeys(names))
-    sample = names[:: max(1, len(names) // 200)][:200]
-    best, best_hits = None, 0
-    for folder in candidates:
-        stems = {p.stem for p in folder.iterdir()} if fmt == "kaggle" else None
-        hits = sum(((folder / n).is_file() or (stems is not None and Path(n).stem in stems)) for n in sample)
-        if hits > best_hits:
-            best, best_hits = folder, hits
-    if best is None:
-        # Reading captions alone (stats, token counts) needs no images; extraction reports them missing.
-        log.warning("none of the images named in the caption file were found in %s, its images/ or dataset/ "
-                    "sub-folders; pass the image folder with --image_dir", base)
-        return base
-    if best_hits < len(sample):
-        log.warning("%d of %d sampled images are missing from %s; missing files will be skipped and reported",
-                    len(sample) - best_hits, len(sample), best)
-    return best
-
-
-def _resolve_kaggle_suffixes(records: list[CaptionRecord], root: Path) -> list[CaptionRecord]:
-    """`{Index}.jpg` as the dataset names them, or the same stem with another image suffix if that is what exists."""
-    if not root.is_dir():
-        return records
-    by_stem = {}
-    for entry in os.scandir(root):
-        stem, suffix = os.path.splitext(entry.name)
-        if suffix.lower() in IMAGE_SUFFIXES:
-            by_stem.setdefault(stem, entry.name)
-    present = set(by_stem.values())
-    out = []
-    for r in records:
-        p = Path(r.image_path)
-        if p.name not in present and p.stem in by_stem:
-            r = CaptionRecord(str(root / by_stem[p.stem]), r.caption, r.image_id, r.split)
-        out.append(r)
-    return out

@@ -5,11 +5,12 @@
 `load_image` raises `BadImageError` (a ValueError with `.path` and `.reason`) for the kinds of bad file a
 scraped photo set holds: missing, empty (zero bytes), not an image, truncated, and too large
 (decompression bombs are refused from the header, before any pixel is decoded). Batch jobs catch it,
-skip the file and list it in their report.
+skip the file and list it in their report. `find_image_dir` finds the folder a caption file's images live in.
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # Same ceiling as Pillow's decompression-bomb warning (~89.5 Mpx, e.g. 9459 x 9459); a food photo is far below.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -107,3 +110,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
         gray = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return image.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------ where images live
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def find_image_dir(base: Path, names: list[str], match_stem: bool = False) -> Path:
+    """The folder (base, images/, dataset/ or another sub-folder of base) holding most of the named images.
+
+    With `match_stem`, `12.jpg` also matches `12.png` (the Kaggle caption file names every image `.jpg`)."""
+    candidates = [base, base / "images", base / "dataset"]
+    candidates += sorted(p for p in base.iterdir() if p.is_dir() and p not in candidates) if base.is_dir() else []
+    names = list(dict.fromkeys(names))
+    sample = names[:: max(1, len(names) // 200)][:200]
+    best, best_hits = None, 0
+    for folder in (c for c in candidates if c.is_dir()):
+        stems = {os.path.splitext(e.name)[0] for e in os.scandir(folder)} if match_stem else set()
+        hits = sum((folder / n).is_file() or Path(n).stem in stems for n in sample)
+        if hits > best_hits:
+            best, best_hits = folder, hits
+    if best is None:
+        # Reading captions alone (stats, token counts) needs no images; extraction reports them missing.
+        log.warning("none of the images named in the caption file were found in %s, its images/ or dataset/ "
+                    "sub-folders; pass the image folder with --image_dir", base)
+        return base
+    if best_hits < len(sample):
+        log.warning("%d of %d sampled images are missing from %s; missing files will be skipped and reported",
+                    len(sample) - best_hits, len(sample), best)
+    return best
+
+
+def resolve_suffixes(paths: list[str], root: Path) -> list[str]:
+    """Each path as named, or the file in `root` with the same stem and another image suffix if only that exists."""
+    if not root.is_dir():
+        return list(paths)
+    by_stem: dict[str, str] = {}
+    for entry in os.scandir(root):
+        stem, suffix = os.path.splitext(entry.name)
+        if suffix.lower() in IMAGE_SUFFIXES:
+            by_stem.setdefault(stem, entry.name)
+    present = set(by_stem.values())
+    out = []
+    for path in paths:
+        p = Path(path)
+        out.append(str(root / by_stem[p.stem]) if p.name not in present and p.stem in by_stem else path)
+    return out
