@@ -12,7 +12,6 @@ readable `gr.Error` (shown in the page; raised by `gradio_client`), and the serv
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import os
 from dataclasses import dataclass, field

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import logging
-from pathlib import Path
 from typing import Optional
 
 import gradio as gr

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip_model", default=None, help="CLIP encoder, when the checkpoint does not record it")
     parser.add_argument("--gpt2", default=None, help="GPT-2 name or path, when the checkpoint does not record it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--examples", default=None, help="folder of example photos (default: the repo's Images/)")
+    parser.add_argument("--examples", default=None,
+                        help="folder of example photos, '' for none; None: the repo's Images/ when present")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
