@@ -7,7 +7,8 @@
 The naive baseline is written here as the ClipCap / food-fork scripts do it: for every caption row, read the
 image, preprocess it, encode it alone under no_grad (so an image with 5 captions is encoded 5 times).
 foodcap's run (plan, DataLoader decoding, batched inference_mode encoding, chunk saving, store building) is
-timed end to end after the encoder is loaded (both share the loaded encoder). Printed: images/s and
+timed end to end after the encoder is loaded (both share the loaded encoder), once before and once after the
+naive loop; the slower run is reported. Printed: images/s and
 captions/s of each, the ratios, and the largest difference between the two pipelines' embeddings.
 """
 from __future__ import annotations
@@ -95,8 +96,12 @@ def main(argv=None) -> int:
         n_captions = n_images * args.captions_per_image
         # warm-up (first-call allocations) so neither side pays it
         encoder.encode_images(torch.zeros(1, 3, encoder.image_size, encoder.image_size))
-        ours, t_ours = foodcap_extract(caption_file, encoder, Path(tmp) / "parts", args.batch_size, args.num_workers)
+        # foodcap runs before and after the naive loop; the slower of the two is reported, so load from other
+        # processes on a shared machine cannot flatter it.
+        ours, t_before = foodcap_extract(caption_file, encoder, Path(tmp) / "p1", args.batch_size, args.num_workers)
         naive_emb, naive_caps, t_naive = naive_extract(caption_file, encoder)
+        _, t_after = foodcap_extract(caption_file, encoder, Path(tmp) / "p2", args.batch_size, args.num_workers)
+        t_ours = max(t_before, t_after)
 
     row_of = {c["caption"]: c["clip_embedding"] for c in ours.captions}
     diff = max(float((ours.embeddings[row_of[c["caption"]]] - naive_emb[c["clip_embedding"]]).abs().max())
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}, {args.num_workers} decode workers")
     print(f"{'':24}{'seconds':>9}{'images/s':>11}{'captions/s':>12}")
     print(f"{'naive (reference loop)':24}{t_naive:9.2f}{naive_img_s:11.3f}{n_captions / t_naive:12.3f}")
-    print(f"{'foodcap':24}{t_ours:9.2f}{ours_img_s:11.3f}{n_captions / t_ours:12.3f}")
+    print(f"{'foodcap':24}{t_ours:9.2f}{ours_img_s:11.3f}{n_captions / t_ours:12.3f}"
+          f"   (runs before/after the naive loop: {t_before:.2f}s / {t_after:.2f}s)")
     per_image, per_caption = ours_img_s / naive_img_s, t_naive / t_ours
     print(f"\nratio per distinct image: {per_image:.2f}x (target >= 1.3x)")
     print(f"ratio per caption:        {per_caption:.2f}x (target >= 4x with 5 captions per image)")
