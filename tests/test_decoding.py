@@ -16,6 +16,15 @@ PEAKY_STOP = 50
 PEAKY_MAX_LEN = 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread (and far faster than on two when other jobs share the cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------- ClipCap's decoding, written plainly
 def clipcap_greedy(gpt, prefix: torch.Tensor, stop_ids: set[int], max_len: int) -> list[int]:
     """ClipCap's non-beam path for one image: rerun GPT-2 on the whole sequence, take the argmax."""
@@ -107,7 +116,7 @@ def test_greedy_matches_clipcap_for_a_batch_with_different_lengths(peaky_gpt, pe
     assert [seqs[0] for seqs in fast] == expected
 
 
-@pytest.mark.parametrize("beam_size,temperature", [(2, 1.0), (3, 0.5), (5, 1.0), (5, 1.7), (4, 0.0)])
+@pytest.mark.parametrize("beam_size,temperature", [(2, 1.0), (3, 0.5), (5, 1.7), (4, 0.0)])
 def test_beam_matches_clipcap_for_a_batch_with_different_lengths(peaky_gpt, peaky_prefixes, beam_size, temperature):
     expected = [clipcap_beam(peaky_gpt, p, beam_size, {PEAKY_STOP}, PEAKY_MAX_LEN, temperature) for p in peaky_prefixes]
     assert len({len(hyps[0]) for hyps in expected}) >= 2  # the batch really mixes caption lengths
@@ -159,15 +168,15 @@ def test_sequences_end_at_the_first_stop_token_or_the_length_limit(peaky_gpt, pe
                 assert len(seq) == max_len
 
 
-@pytest.mark.parametrize("decoding", [dict(), dict(num_beams=3), dict(do_sample=True, temperature=0.7)])
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n,decoding", [(1, dict()), (2, dict()), (3, dict()), (2, dict(num_beams=3)),
+                                        (3, dict(num_beams=3)), (2, dict(do_sample=True, temperature=0.7))])
 def test_no_repeat_ngram_size_is_honoured(peaky_gpt, peaky_prefixes, decoding, n):
-    plain = generate_token_ids(peaky_gpt, peaky_prefixes, [], max_new_tokens=40, **decoding)
+    plain = generate_token_ids(peaky_gpt, peaky_prefixes, [], max_new_tokens=30, **decoding)
     ngrams = lambda seq: [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]  # noqa: E731
     assert any(len(set(ngrams(s[0]))) < len(ngrams(s[0])) for s in plain)  # the model does repeat itself
-    banned = generate_token_ids(peaky_gpt, peaky_prefixes, [], max_new_tokens=40, no_repeat_ngram_size=n, **decoding)
+    banned = generate_token_ids(peaky_gpt, peaky_prefixes, [], max_new_tokens=30, no_repeat_ngram_size=n, **decoding)
     for (seq, *_) in banned:
-        assert len(seq) == 40 and len(set(ngrams(seq))) == len(ngrams(seq))
+        assert len(seq) == 30 and len(set(ngrams(seq))) == len(ngrams(seq))
 
 
 def test_repetition_penalty_makes_captions_less_repetitive(peaky_gpt, peaky_prefixes):
