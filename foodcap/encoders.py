@@ -149,10 +149,6 @@ def encoder_width(name: Optional[str]) -> Optional[int]:
     return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
 
 
-def known_encoders() -> list[str]:
-    return [TINY, *OPENAI_MODELS]
-
-
 # --------------------------------------------------------------------------------------------- building
 
 def _split_name(name: str) -> tuple[str, Optional[str]]:
@@ -191,6 +187,7 @@ def _build(name: str, device: torch.device) -> ImageEncoder:
     model = model.eval().requires_grad_(False)
     if preprocess is None:
         preprocess = _preprocess_config(model)
+    embed_dim = _embed_dim(model)  # on CPU in fp32, before any device move or fp16 conversion
     model = model.to(device)
     if device.type in ("cpu", "cuda"):
         # NHWC convolutions are markedly faster in oneDNN / cuDNN, mostly for the ResNet towers.
@@ -200,7 +197,6 @@ def _build(name: str, device: torch.device) -> ImageEncoder:
 
         # As OpenAI's clip.load and open_clip's precision="fp16": matmul/conv weights in fp16, norms in fp32.
         convert_weights_to_lp(model, dtype=torch.float16)
-    embed_dim = _embed_dim(model)
     log.info("CLIP encoder %s (%s): %d-d embeddings, %s px input, on %s", name, arch, embed_dim,
              preprocess["size"], device)
     return ImageEncoder(name=name, model=model, embed_dim=embed_dim, preprocess_config=preprocess,
@@ -254,14 +250,12 @@ def _preprocess_config(model) -> dict:
 
 
 def _embed_dim(model) -> int:
-    output_dim = getattr(model.visual, "output_dim", None)
-    if output_dim:
-        return int(output_dim)
+    if getattr(model.visual, "output_dim", None):
+        return int(model.visual.output_dim)
+    size = _preprocess_config(model)["size"]  # towers without output_dim (timm, HF): measure one output
+    size = (size, size) if isinstance(size, int) else size
     with torch.inference_mode():
-        size = _preprocess_config(model)["size"]
-        size = (size, size) if isinstance(size, int) else size
-        param = next(model.visual.parameters())
-        return int(model.encode_image(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)).shape[-1])
+        return int(model.encode_image(torch.zeros(1, 3, *size)).shape[-1])
 
 
 def _build_pretrained(name: str):
@@ -269,7 +263,7 @@ def _build_pretrained(name: str):
     if arch == TINY and source is not None:  # `tiny:/path.pt`: the tiny architecture with trained weights
         return _from_file(TINY, Path(source).expanduser(), name), TINY, None
     if arch.startswith(("hf-hub:", "local-dir:")):
-        return _download(name, arch, None), arch, None
+        return _download(arch, name, None), arch, None
     if arch not in OPENAI_MODELS and _open_clip_config(arch) is None:
         raise EncoderLoadError(
             f"unknown CLIP encoder {name!r}: use an OpenAI name ({', '.join(OPENAI_MODELS)}), an open_clip "
@@ -280,20 +274,17 @@ def _build_pretrained(name: str):
         return _from_file(oc_arch, Path(source).expanduser(), name), oc_arch, None
     if source is None:
         if arch not in OPENAI_MODELS:
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(oc_arch)
             raise EncoderLoadError(f"{name!r} names an architecture but no weights: write '{arch}:<pretrained tag>' "
-                                   f"(tags: {_tags(oc_arch)}), '{arch}:/path/to/weights.pt' or 'random:{arch}'")
+                                   f"(tags: {tags}), '{arch}:/path/to/weights.pt' or 'random:{arch}'")
         cached = _clip_package_cache() / OPENAI_MODELS[arch][2]
         if cached.is_file():
             log.info("using the clip package's cached weights %s", cached)
             return _from_file(oc_arch, cached, name), oc_arch, None
         source = "openai"
     return _download(oc_arch, name, source), oc_arch, None
-
-
-def _tags(arch: str) -> list[str]:
-    import open_clip
-
-    return open_clip.list_pretrained_tags_by_model(arch)
 
 
 def _looks_like_path(source: str) -> bool:
