@@ -8,10 +8,8 @@ gradient averaging divides out), so the update does not depend on how the batch 
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +21,10 @@ from .checkpoint import save_checkpoint
 from .model import ClipCaptionModel
 from .plots import RunLog
 from .train_data import CaptionDataset, GlobalBatchSampler, eval_batches
+from .train_state import STATE_NAME, restore_trainer_state, trainer_state_bytes
 from .training import CaptionLoss, TrainingDiverged, effective_warmup
 
 log = logging.getLogger(__name__)
-
-STATE_NAME = "trainer_state.pt"
 
 
 @dataclass
@@ -45,20 +42,6 @@ class TrainContext:
     should_stop: bool = False
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     def __init__(self, cfg, model: ClipCaptionModel, tokenizer, data, *, callbacks: Sequence[Any] = (),
                  resume_from: Optional[Path] = None):
@@ -67,10 +50,20 @@ class Trainer:
         self.cfg, self.tokenizer, self.data, self.callbacks = cfg, tokenizer, data, list(callbacks)
         self.out_dir = Path(cfg.out_dir)
         log_with = None if cfg.report_to in (None, "", "none") else cfg.report_to
+        # Accelerate keeps its settings in process-wide singletons; a second train() in the same process (notebook,
+        # demo, tests) may ask for another precision. The distributed set-up (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, log_with=log_with,
                                project_dir=str(self.out_dir))
         acc = self.acc
+        if cfg.mixed_precision == "fp16" and acc.device.type == "cpu":
+            log.warning("--mixed_precision fp16 needs a GPU; training in float32 on the CPU (bf16 autocast works on CPUs)")
         self.model = model.to(acc.device)
+        if acc.process_index:  # dropout masks differ between processes (the weights were seeded alike)
+            torch.manual_seed(cfg.seed + 1_000_003 * acc.process_index)
         eos = tokenizer.eos_token_id
         self.train_set = CaptionDataset(data.train_store, data.train_tokens, data.max_tokens, filler_id=eos)
         self.val_set = (CaptionDataset(data.val_store, data.val_tokens, data.max_tokens, filler_id=eos)
@@ -89,10 +82,11 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.best: Optional[float] = None
         self.bad_epochs = 0
+        self.improved = False  # best/ improved since the last epoch end (early stopping counts epochs without)
         self.runlog = RunLog(self.out_dir, enabled=acc.is_main_process)
         self._last_plot = time.monotonic()
         if resume_from is not None:
-            self._load_state(resume_from)
+            restore_trainer_state(self, resume_from)
         self.ctx = TrainContext(cfg, self.model, tokenizer, acc, data)
 
     def _lr_factor(self, step: int) -> float:
@@ -102,19 +96,6 @@ class Trainer:
         return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
 
     # ----------------------------------------------------------------------------------------- state
-    def _state_bytes(self) -> bytes:
-        from accelerate.utils import gather_object
-
-        rng = gather_object([_rng_state()]) if self.acc.num_processes > 1 else [_rng_state()]
-        state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "best": self.best,
-                 "bad_epochs": self.bad_epochs, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": rng, "num_processes": self.acc.num_processes,
-                 "data_key": self.data.train_tokens.key, "total_steps": self.total_steps,
-                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getvalue()
-
     def _config_bytes(self) -> bytes:
         import json
 
@@ -122,40 +103,13 @@ class Trainer:
 
     def save(self, name: str, *, with_state: bool = False) -> Optional[Path]:
         """Write <out_dir>/<name>/ atomically (model + config; plus optimizer/scheduler/step/RNG for resume)."""
-        state = self._state_bytes() if with_state else None  # collective: every process takes part
+        state = trainer_state_bytes(self) if with_state else None  # collective: every process takes part
         if not self.acc.is_main_process:
             return None
         extra = {"train_config.json": self._config_bytes()}
         if state is not None:
             extra[STATE_NAME] = state
         return save_checkpoint(self.model, self.out_dir / name, extra=extra)
-
-    def _load_state(self, directory: Path) -> None:
-        path = directory / STATE_NAME
-        if not path.exists():
-            log.warning("%s has weights but no %s: resuming weights only, with a fresh optimizer", directory, STATE_NAME)
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["data_key"] != self.data.train_tokens.key:
-            raise ValueError(f"--resume: {directory} was trained on different data than {self.data.train_path} "
-                             "(its captions changed); start a new --out_dir or pass the original --data")
-        if state["total_steps"] != self.total_steps:
-            log.warning("--resume: the run now has %d steps (was %d); the learning-rate schedule changes",
-                        self.total_steps, state["total_steps"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
-        if state["num_processes"] == self.acc.num_processes:
-            _set_rng_state(state["rng"][self.acc.process_index])
-        else:
-            log.warning("--resume: saved with %d processes, now %d; dropout RNG restarts from the seed",
-                        state["num_processes"], self.acc.num_processes)
-            torch.manual_seed(self.cfg.seed + 7919 * self.step + self.acc.process_index)
-        self.runlog.truncate_after(self.step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", directory, self.step, self.epoch + 1, self.step_in_epoch)
 
     # ----------------------------------------------------------------------------------------- loop
     def _loader(self, batches) -> torch.utils.data.DataLoader:
@@ -215,21 +169,46 @@ class Trainer:
             totals = acc.reduce(totals, reduction="sum")
         return float(totals[0] / totals[1])
 
-    def _callbacks(self, hook: str) -> dict:
+    def _callbacks(self, hook: str, *, record: bool = True) -> dict:
+        """Run `hook` on every callback; evaluation hooks see the model in eval mode (no dropout)."""
         metrics: dict = {}
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
-        for callback in self.callbacks:
-            fn = getattr(callback, hook, None)
-            if fn is not None:
-                metrics.update(fn(self.ctx) or {})
-        if metrics:
+        evaluating = hook != "on_step_end"
+        if evaluating:
+            self.model.eval()
+        try:
+            for callback in self.callbacks:
+                fn = getattr(callback, hook, None)
+                if fn is not None:
+                    metrics.update(fn(self.ctx) or {})
+        finally:
+            if evaluating:
+                self.model.train()
+        if metrics and record:
             self.runlog.write({"step": self.step, "epoch": self.epoch + 1, **metrics})
             self.acc.log(metrics, step=self.step)
         return metrics
 
-    def _is_better(self, value: float) -> bool:
-        lower_is_better = "loss" in self.cfg.best_metric
-        return self.best is None or (value < self.best if lower_is_better else value > self.best)
+    def _consider_best(self, metrics: dict) -> str:
+        """Save best/ when the selection metric improved; returns the metric's name."""
+        name = self.cfg.best_metric
+        if name not in metrics:
+            name = "val_loss" if metrics.get("val_loss") is not None else "epoch_train_loss"
+        value = metrics.get(name)
+        if value is None:
+            return name
+        lower_is_better = "loss" in name
+        if self.best is None or (value < self.best if lower_is_better else value > self.best):
+            self.best, self.improved = value, True
+            self.save("best")
+            log.info("step %d: %s %.4f, new best -> %s", self.step, name, value, self.out_dir / "best")
+        return name
+
+    def _evaluate(self) -> None:
+        """--eval_every: callbacks' validation metrics mid-epoch; best/ may follow them."""
+        metrics = self._callbacks("on_evaluate")
+        if self.cfg.best_metric in metrics:
+            self._consider_best(metrics)
 
     def _end_epoch(self, train_loss: Optional[float], *, complete: bool) -> None:
         """Validation, best/ by the chosen metric, latest/ with resume state, <prefix>-<epoch>/, early stopping.
@@ -241,24 +220,19 @@ class Trainer:
         val_loss = self.validate()
         if val_loss is not None:
             metrics["val_loss"] = val_loss
-        metrics.update(self._callbacks("on_epoch_end"))
+        metrics.update(self._callbacks("on_epoch_end", record=False))
         self.runlog.write({"step": self.step, "epoch": self.epoch + 1, **metrics})
         acc.log({k: v for k, v in metrics.items() if v is not None}, step=self.step)
-        metric_name = cfg.best_metric if cfg.best_metric in metrics else ("val_loss" if val_loss is not None else "epoch_train_loss")
-        value = metrics.get(metric_name)
-        improved = value is not None and self._is_better(value)
-        if improved:
-            self.best, self.bad_epochs = value, 0
-            self.save("best")
-            log.info("epoch %d: %s %.4f, new best -> %s", self.epoch + 1, metric_name, value, self.out_dir / "best")
-        else:
-            self.bad_epochs += 1
-            log.info("epoch %d: %s %s (best %.4f, %d epoch(s) without improvement)", self.epoch + 1, metric_name,
-                     "n/a" if value is None else f"{value:.4f}", self.best or float("nan"), self.bad_epochs)
+        name = self._consider_best(metrics)
+        self.bad_epochs = 0 if self.improved else self.bad_epochs + 1
+        self.improved = False
+        if self.bad_epochs:
+            log.info("epoch %d: %s %s (best %s, %d epoch(s) without improvement)", self.epoch + 1, name,
+                     metrics.get(name), self.best, self.bad_epochs)
         if complete and cfg.save_every and (self.epoch + 1) % cfg.save_every == 0:
             self.save(f"{cfg.prefix}-{self.epoch:03d}")
         if cfg.patience and self.bad_epochs >= cfg.patience:
-            log.info("early stopping: %s has not improved for %d epochs (--patience)", metric_name, self.bad_epochs)
+            log.info("early stopping: %s has not improved for %d epochs (--patience)", name, self.bad_epochs)
             self.ctx.should_stop = True
         if complete:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -322,8 +296,8 @@ class Trainer:
                 acc.log({k: v for k, v in record.items() if k != "epoch"}, step=self.step)
                 window = []
             epoch_done = self.step_in_epoch == self.sampler.steps_per_epoch or self.step >= self.total_steps
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._callbacks("on_evaluate")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not epoch_done:
+                self._evaluate()  # at an epoch's end on_epoch_end runs instead
             self._callbacks("on_step_end")
             if cfg.save_steps and self.step % cfg.save_steps == 0 and not epoch_done:
                 self.save("latest", with_state=True)

@@ -221,6 +221,13 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
 
     if cfg.bs < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
         raise ValueError(f"--bs ({cfg.bs}), --grad_accum ({cfg.grad_accum}) and --epochs ({cfg.epochs}) must be positive")
+    tracker_module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.report_to or "none")
+    if tracker_module:
+        import importlib.util
+
+        if importlib.util.find_spec(tracker_module) is None and not (tracker_module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise ValueError(f"--report_to {cfg.report_to} needs the {tracker_module} package: `pip install {tracker_module}` "
+                             "(or --report_to none; train_log.csv/jsonl and loss_curve.png are written anyway)")
     tokenizer = load_tokenizer(cfg.gpt2 or DEFAULT_GPT2)
     data = prepare_data(cfg, tokenizer)
     resume_from = latest_dir(cfg) if cfg.resume else None

@@ -296,3 +296,37 @@ def test_warmup_is_capped_to_a_share_of_short_runs():
     assert effective_warmup(5000, 200_000) == 5000
     assert effective_warmup(5000, 300) == 30
     assert effective_warmup(10, 1000) == 10
+
+
+def test_evaluation_hook_selects_best_and_stops_early(tmp_path):
+    """The --eval_every hook: callback metrics (as validation CIDEr would be) choose best/ and drive --patience."""
+    write_store(tmp_path / "tiny_train.pkl")
+    scores = {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.5}  # steps 4 and 8 end epochs 1 and 2 (4 steps each)
+
+    class Score:
+        def __init__(self):
+            self.snapshots, self.calls = {}, []
+
+        def _score(self, ctx, kind):
+            assert not ctx.model.training  # evaluation sees no dropout
+            self.calls.append((kind, ctx.step))
+            self.snapshots[ctx.step] = {k: v.clone() for k, v in ctx.model.mapper_state_dict().items()}
+            return {"val_score": scores[ctx.step]}
+
+        def on_evaluate(self, ctx):
+            return self._score(ctx, "evaluate")
+
+        def on_epoch_end(self, ctx):
+            return self._score(ctx, "epoch")
+
+    score = Score()
+    cfg = tiny_config(tmp_path, only_prefix=True, epochs=5, eval_every=2, best_metric="val_score", patience=1, no_val=True)
+    train(cfg, callbacks=[score])
+    # Epoch 1 improves (step 4's 3.0); epoch 2 does not (max 2.0): patience 1 stops after it.
+    assert score.calls == [("evaluate", 2), ("epoch", 4), ("evaluate", 6), ("epoch", 8)]
+    best = state_of(Path(cfg.out_dir) / "best")
+    for key, value in score.snapshots[4].items():
+        assert torch.equal(best[key], value), key
+    assert not torch.equal(best["clip_project.model.0.weight"], state_of(Path(cfg.out_dir) / "latest")["clip_project.model.0.weight"])
+    logged = [r["val_score"] for r in records(Path(cfg.out_dir)) if "val_score" in r]
+    assert logged == [1.0, 3.0, 2.0, 0.5]

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after N epochs without validation improvement (0: off)")
     opt.add_argument("--max_caption_tokens", type=int, default=None, help="truncate captions (default: ClipCap's mean + 10 std)")
     opt.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    opt.add_argument("--eval_every", type=int, default=0,
+                     help="validation CIDEr (foodcap.evaluation) every N optimizer steps and at each epoch end (0: off)")
+    opt.add_argument("--best_metric", default=None,
+                     help="what selects best/: val_loss (default), or val_cider (default with --eval_every)")
     out = p.add_argument_group("logging and saving")
     out.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default=TrainConfig.report_to,
                      help="Accelerate tracker (stdout, train_log.jsonl/csv and loss_curve.png are always written)")
@@ -83,7 +87,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         no_val=args.no_val, seed=args.seed, grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
         max_steps=args.max_steps, num_workers=args.num_workers, resume=args.resume, patience=args.patience,
         report_to=args.report_to, log_every=args.log_every, save_steps=args.save_steps,
-        max_caption_tokens=args.max_caption_tokens, cpu=args.cpu)
+        max_caption_tokens=args.max_caption_tokens, cpu=args.cpu, eval_every=args.eval_every,
+        best_metric=args.best_metric or ("val_cider" if args.eval_every else "val_loss"))
+
+
+def callbacks_from_args(args: argparse.Namespace) -> list:
+    if not args.eval_every:
+        return []
+    from ..evaluation import ValidationCider  # decodes the validation split and scores CIDEr
+
+    return [ValidationCider()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        best = train(config_from_args(args))
+        best = train(config_from_args(args), callbacks=callbacks_from_args(args))
     except (TrainingDataError, CheckpointError, TrainingDiverged) as exc:
         print(f"foodcap train: error: {exc}", file=sys.stderr)
         return 1
