@@ -22,7 +22,7 @@ from .model import ClipCaptionModel
 from .plots import RunLog
 from .train_data import CaptionDataset, GlobalBatchSampler, eval_batches
 from .train_state import STATE_NAME, restore_trainer_state, trainer_state_bytes
-from .training import CaptionLoss, TrainingDiverged, effective_warmup
+from .training import CaptionLoss, TrainingDiverged, effective_warmup, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.warmup = effective_warmup(cfg.warmup_steps, self.total_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # ClipCap: AdamW, no weight decay
+        optimizer = make_optimizer(params, cfg.lr)
         # The scheduler stays outside accelerate.prepare, which would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.loss_module, self.optimizer = acc.prepare(CaptionLoss(self.model), optimizer)
@@ -229,7 +229,8 @@ class Trainer:
         if self.bad_epochs:
             log.info("epoch %d: %s %s (best %s, %d epoch(s) without improvement)", self.epoch + 1, name,
                      metrics.get(name), self.best, self.bad_epochs)
-        if complete and cfg.save_every and (self.epoch + 1) % cfg.save_every == 0:
+        # ClipCap's rule: epochs 0, N, 2N, ... and the last one (0-based, as its <prefix>-<epoch:03d>.pt names were).
+        if complete and cfg.save_every and (self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs - 1):
             self.save(f"{cfg.prefix}-{self.epoch:03d}")
         if cfg.patience and self.bad_epochs >= cfg.patience:
             log.info("early stopping: %s has not improved for %d epochs (--patience)", name, self.bad_epochs)

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--prefix", default=TrainConfig.prefix, help="name prefix of the per-epoch checkpoints <prefix>-<epoch>/")
     ref.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ref.add_argument("--save_every", type=int, default=TrainConfig.save_every,
-                     help="write <prefix>-<epoch>/ every N epochs (0: only best/ and latest/)")
+                     help="write <prefix>-<epoch>/ at epochs 0, N, 2N, ... and the last (0: only best/ and latest/)")
     ref.add_argument("--prefix_length", type=int, default=None, help="prefix embeddings fed to GPT-2 (default 10, or the checkpoint's)")
     ref.add_argument("--prefix_length_clip", type=int, default=None,
                      help="transformer mapper: positions the CLIP vector is spread over (default 10, or the checkpoint's)")
