@@ -13,6 +13,7 @@ checks that both produce the same tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,10 @@ def main(argv=None) -> int:
     embeddings = torch.randn(n_batch, 640, generator=torch.Generator().manual_seed(1)).to(device)  # (N, 640)
     print(f"GPT-2 124M (random weights), MLP mapper prefix {args.prefix_length}, {NEW_TOKENS} new tokens, {device}, "
           f"{torch.get_num_threads()} CPU threads; naive loop and batch 1 on {n_naive} images, alternating")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other jobs share the CPU, which inflates "
+              "every timing (most for many small steps, i.e. batch 1); --threads 1 suffers least")
     rows, all_same = [], True
     for name, decoding, naive in (("greedy", {}, lambda e: naive_greedy(model, e, NEW_TOKENS)),
                                   ("beam 5", {"num_beams": 5}, lambda e: naive_beam(model, e, 5, NEW_TOKENS))):
