@@ -98,7 +98,9 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
 def tokenize_all(groups: Mapping[Hashable, Sequence[str]], tokenizer: str) -> dict[Hashable, list[str]]:
     keys = list(groups)
     flat = [c for k in keys for c in groups[k]]
-    tokens = ptb_tokenize(flat) if tokenizer == "ptb" else [simple_tokenize(c) for c in flat]
+    if tokenizer not in ("ptb", "simple", "none"):
+        raise ValueError(f"tokenizer must be 'ptb', 'simple', 'none' (already tokenised) or 'auto', got {tokenizer!r}")
+    tokens = ptb_tokenize(flat) if tokenizer == "ptb" else flat if tokenizer == "none" else [simple_tokenize(c) for c in flat]
     out, i = {}, 0
     for k in keys:
         out[k] = tokens[i:i + len(groups[k])]
@@ -164,7 +166,8 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], candidates: Map
                    metrics: Iterable[str] = ALL_METRICS, tokenizer: str = "auto") -> MetricsResult:
     """Score one candidate caption per image against that image's reference captions.
 
-    `tokenizer`: "ptb" (Java), "simple" (pure Python) or "auto" (PTB when Java works). CIDEr's document
+    `tokenizer`: "ptb" (Java), "simple" (pure Python), "auto" (PTB when Java works) or "none" (the texts are
+    already tokenised, e.g. by `tokenize_all`, to score many candidates cheaply). CIDEr's document
     frequencies come from these references, so score a whole split at once (one image alone scores 0).
     """
     from pycocoevalcap.bleu.bleu import Bleu
@@ -182,7 +185,7 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], candidates: Map
         tokenizer = "simple" if no_java else "ptb"
     if tokenizer == "ptb" and no_java:
         raise RuntimeError(f"the PTB tokenizer needs Java: {no_java}; use tokenizer='simple'")
-    if no_java:
+    if no_java and tokenizer == "simple":
         result.skipped["PTB tokenizer"] = f"{no_java}; used a simple lower-case word tokenizer instead"
     result.tokenizer = tokenizer
     if not keys:

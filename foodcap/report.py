@@ -93,6 +93,9 @@ def plot_loss_curve(train: Sequence[tuple[float, float]], path: str | os.PathLik
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="#c0392b", lw=1.5, label="validation")
     ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy per token")
+    values = [loss for _, loss in [*train, *val] if loss > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # a model trained from scratch falls by orders of magnitude
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
@@ -107,7 +110,8 @@ th { background: #f4f1ec; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .note { background: #fff6e0; border-left: 4px solid #e0a800; padding: 0.6em 1em; margin: 0.5em 0; }
 .gen { font-weight: 600; }
-ul.refs { margin: 0; padding-left: 1.1em; }
+ul.refs { margin: 0; padding-left: 1.1em; min-width: 16em; }
+span.gen { display: inline-block; min-width: 14em; }
 img.thumb { max-width: 160px; max-height: 160px; }
 figure { display: inline-block; margin: 0.5em 1em 0.5em 0; }
 """

@@ -1,9 +1,11 @@
 """A synthetic food-scene dataset whose captions follow from what is drawn (for the offline demo and tests).
 
-Each picture is a plate, bowl or wooden board holding one to three pieces of one food on a table; the
-captions name exactly those: "two tomatoes in a bowl", "a plate with three limes", ... Foods and
-containers differ mainly in colour and size, so even a randomly initialised CLIP encoder's features tell
-them apart, and a captioner trained on them must read the image to do better than a constant caption.
+Each picture is a white plate, a blue bowl or a wooden board holding a few pieces of one food on a grey
+table; the captions name that food and container: "tomatoes in a bowl", "a white plate with limes", ...
+Foods and containers differ mainly in colour and the food covers much of the picture, so even a
+randomly initialised CLIP encoder's features tell them apart, and a captioner trained on them must read
+the image to beat a constant caption. The number of pieces varies but is not captioned: tiny random
+encoders cannot count.
 
     python -c "from foodcap.synthetic import make_synthetic_dataset as m; print(m('synthetic_food').summary())"
 """
@@ -35,13 +37,12 @@ FOODS = {
     "cookie": ("cookie", "cookies", "brown", (130, 80, 35), "flat"),
     "plum": ("plum", "plums", "purple", (150, 30, 120), "round"),
 }
-# container -> (noun, preposition, fill RGB, rim RGB)
+# container -> (noun, preposition, adjective, fill RGB, rim RGB)
 CONTAINERS = {
-    "plate": ("plate", "on", (245, 245, 240), (205, 205, 200)),
-    "bowl": ("bowl", "in", (40, 90, 200), (20, 50, 140)),
-    "board": ("board", "on", (190, 140, 80), (140, 95, 50)),
+    "plate": ("plate", "on", "white", (245, 245, 240), (205, 205, 200)),
+    "bowl": ("bowl", "in", "blue", (40, 90, 200), (20, 50, 140)),
+    "board": ("board", "on", "wooden", (190, 140, 80), (140, 95, 50)),
 }
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 TABLE_COLOURS = [(120, 120, 125), (108, 110, 118), (132, 128, 124)]  # muted greys, never a food colour
 CAPTIONS_FILE = "captions.csv"
 ITEM_SCALE = 0.2  # pieces of food are big: their colour must dominate even a 64 px random encoder
@@ -54,7 +55,7 @@ class SyntheticScene:
     food: str
     container: str
     count: int
-    split: str  # "train" | "test"
+    split: str  # "train" | "val" | "test"
     captions: list[str] = field(default_factory=list)
 
 
@@ -71,21 +72,20 @@ class SyntheticDataset:
         return [s for s in self.scenes if s.split == name]
 
     def summary(self) -> str:
-        n_train, n_test = len(self.split("train")), len(self.split("test"))
         n_caps = sum(len(s.captions) for s in self.scenes)
-        return f"{len(self.scenes)} synthetic images ({n_train} train, {n_test} held out), {n_caps} captions in {self.root}"
+        parts = ", ".join(f"{len(self.split(name))} {name}" for name in ("train", "val", "test"))
+        return f"{len(self.scenes)} synthetic images ({parts}), {n_caps} captions in {self.root}"
 
 
 def scene_captions(food: str, container: str, count: int) -> list[str]:
-    """The reference captions of a scene: three phrasings of food, count and container."""
+    """The reference captions of a scene: three phrasings of its food and container."""
     singular, plural, colour, _, _ = FOODS[food]
-    noun, prep, _, _ = CONTAINERS[container]
-    name = singular if count == 1 else plural
-    amount = "a" if count == 1 else COUNT_WORDS[count]
+    noun, prep, adjective, _, _ = CONTAINERS[container]
+    name = f"a {singular}" if count == 1 else plural
     return [
-        f"{amount} {name} {prep} a {noun}",
-        f"a {noun} with {COUNT_WORDS[count]} {colour} {name}",
-        f"{COUNT_WORDS[count]} {name} {prep} a {'blue ' if container == 'bowl' else ''}{noun}",
+        f"{name} {prep} a {noun}",
+        f"a {noun} with {colour} {plural if count > 1 else singular}" if count > 1 else f"a {noun} with a {colour} {singular}",
+        f"a {adjective} {noun} with {name}",
     ]
 
 
@@ -116,7 +116,7 @@ def draw_scene(food: str, container: str, count: int, *, size: int = 128, seed: 
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), _jitter(rng.choice(TABLE_COLOURS), rng, 8))
     draw = ImageDraw.Draw(img)
-    _, _, fill, rim = CONTAINERS[container]
+    _, _, _, fill, rim = CONTAINERS[container]
     cx, cy = size / 2 + rng.uniform(-0.05, 0.05) * size, size / 2 + rng.uniform(-0.05, 0.05) * size
     half = size * rng.uniform(0.40, 0.46)
     if container == "board":
@@ -125,7 +125,7 @@ def draw_scene(food: str, container: str, count: int, *, size: int = 128, seed: 
     else:
         rim_w = max(2, int(size * (0.03 if container == "plate" else 0.07)))
         draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=_jitter(fill, rng), outline=rim, width=rim_w)
-    r = size * ITEM_SCALE
+    r = size * ITEM_SCALE * (3 / count) ** 0.4  # fewer pieces are drawn bigger: food colour always dominates
     slots = [(0.0, 0.0)] if count == 1 else [(-0.5, 0.0), (0.5, 0.0)] if count == 2 else [(-0.5, 0.35), (0.5, 0.35), (0.0, -0.5)]
     angle = rng.uniform(0, 2 * math.pi)
     for sx, sy in slots:
@@ -135,16 +135,17 @@ def draw_scene(food: str, container: str, count: int, *, size: int = 128, seed: 
     return img.filter(ImageFilter.GaussianBlur(radius=size / 256))
 
 
-def make_synthetic_dataset(out_dir: str | os.PathLike, *, per_combo: int = 8, test_per_combo: int = 2,
-                           size: int = 128, seed: int = 0, foods: Optional[list[str]] = None,
-                           containers: Optional[list[str]] = None, counts: tuple[int, ...] = (1, 2, 3)) -> SyntheticDataset:
-    """Draw `per_combo` images of every (food, container, count) and hold `test_per_combo` of each out.
+def make_synthetic_dataset(out_dir: str | os.PathLike, *, per_combo: int = 20, test_per_combo: int = 4,
+                           val_per_combo: int = 2, size: int = 128, seed: int = 0, foods: Optional[list[str]] = None,
+                           containers: Optional[list[str]] = None, counts: tuple[int, ...] = (2, 3)) -> SyntheticDataset:
+    """Draw `per_combo` images of every (food, container); hold `test_per_combo` + `val_per_combo` of each out.
 
-    Writes `out_dir/images/*.png` and `out_dir/captions.csv` (file_name, caption, split, image_id: one row
-    per caption). Deterministic for a given seed; re-running reuses images already drawn.
+    The pieces of food per image cycle through `counts`. Writes `out_dir/images/*.png` and
+    `out_dir/captions.csv` (file_name, caption, split, image_id: one row per caption). Deterministic for a seed.
     """
-    if not 0 <= test_per_combo < per_combo:
-        raise ValueError(f"test_per_combo must be in [0, per_combo={per_combo}), got {test_per_combo}")
+    if test_per_combo < 0 or val_per_combo < 0 or test_per_combo + val_per_combo >= per_combo:
+        raise ValueError(f"test_per_combo ({test_per_combo}) + val_per_combo ({val_per_combo}) must leave training "
+                         f"images out of per_combo={per_combo}")
     foods = foods or list(FOODS)
     containers = containers or list(CONTAINERS)
     unknown = sorted(set(foods) - set(FOODS)) + sorted(set(containers) - set(CONTAINERS))
@@ -153,17 +154,17 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, *, per_combo: int = 8, te
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     scenes: list[SyntheticScene] = []
-    for combo, (food, container, count) in enumerate(itertools.product(foods, containers, counts)):
+    for combo, (food, container) in enumerate(itertools.product(foods, containers)):
         for k in range(per_combo):
-            image_id = f"{food}_{container}_{count}_{k:03d}"
+            count = counts[k % len(counts)]
+            image_id = f"{food}_{container}_{k:03d}"
             file_name = f"images/{image_id}.png"
-            path = root / file_name
-            if not path.exists():
-                buf = io.BytesIO()
-                draw_scene(food, container, count, size=size, seed=seed * 1_000_003 + combo * 1009 + k).save(buf, "PNG")
-                write_atomic(path, buf.getvalue())
-            scenes.append(SyntheticScene(image_id, file_name, food, container, count,
-                                         "test" if k < test_per_combo else "train", scene_captions(food, container, count)))
+            buf = io.BytesIO()
+            draw_scene(food, container, count, size=size, seed=seed * 1_000_003 + combo * 1009 + k).save(buf, "PNG")
+            write_atomic(root / file_name, buf.getvalue())
+            split = "test" if k < test_per_combo else "val" if k < test_per_combo + val_per_combo else "train"
+            scenes.append(SyntheticScene(image_id, file_name, food, container, count, split,
+                                         scene_captions(food, container, count)))
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["file_name", "caption", "split", "image_id"])
