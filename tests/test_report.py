@@ -1,8 +1,12 @@
 """The HTML report: every image is referenced, thumbnails are embedded, worst CIDEr comes first; plots are PNGs."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
 from conftest import IMAGES
@@ -49,3 +53,58 @@ def test_report_with_figures_embeds_them(tmp_path):
     fig = plot_loss_curve([(1, 2.0), (2, 1.0)], tmp_path / "loss.png")
     text = write_report(tmp_path / "r.html", title="t", rows=[], figures=[("loss curve", fig)]).read_text()
     assert text.count("data:image/png;base64,") == 1 and "loss curve" in text
+
+
+def _tiny_store(image_paths, clip_model):
+    from foodcap.encoders import load_encoder
+    from foodcap.features import FeatureStore
+    from foodcap.images import load_image
+
+    encoder = load_encoder("tiny")
+    embeddings = encoder.encode_images(torch.stack([encoder.preprocess(load_image(p)) for p in image_paths]))
+    captions = [{"image_id": p.stem, "caption": f"{text} {p.stem}", "clip_embedding": i, "image_path": str(p)}
+                for i, p in enumerate(image_paths) for text in ("a photo of", "food called")]
+    return FeatureStore(embeddings, captions, {"clip_model": clip_model, "split": "test"})
+
+
+def test_evaluation_files_reference_every_image(tmp_path, tiny_model_factory):
+    from foodcap.captioner import Captioner
+    from foodcap.evaluation import evaluate_captioner, group_references, write_evaluation
+    from foodcap.language import load_tokenizer
+
+    photos = sorted(IMAGES.glob("*.jpg"))[:5]
+    store = _tiny_store(photos, "tiny")
+    groups = group_references(store)
+    assert [g.image_id for g in groups] == [p.stem for p in photos] and all(len(g.references) == 2 for g in groups)
+    captioner = Captioner(tiny_model_factory("mlp"), load_tokenizer("tiny"))
+    evaluation = evaluate_captioner(captioner, store, metrics=["BLEU", "CIDEr"], max_new_tokens=6)
+    written = write_evaluation(evaluation, tmp_path, title="tiny")
+    payload = json.loads((tmp_path / "metrics.json").read_text())
+    assert payload["num_images"] == 5 and set(payload["metrics"]) >= {"BLEU-4", "CIDEr", "CLIPScore", "RefCLIPScore"}
+    html = Path(written["report_html"]).read_text()
+    assert all(f"data-image-id='{p.stem}'" in html for p in photos)
+    assert html.count("<img class='thumb'") == 5
+
+    store.meta["clip_model"] = None
+    captioner.clip_model = None
+    no_clip = evaluate_captioner(captioner, store, metrics=["CIDEr"], max_images=2, max_new_tokens=4)
+    assert len(no_clip.groups) == 2 and "does not name its CLIP model" in no_clip.skipped["CLIPScore"]
+
+
+def test_damaged_store_is_named(tmp_path):
+    from foodcap.evaluation import group_references
+
+    store = _tiny_store(sorted(IMAGES.glob("*.jpg"))[:1], "tiny")
+    store.captions[1]["clip_embedding"] = 7
+    with pytest.raises(ValueError, match=r"captions\[1\].*clip_embedding 7"):
+        group_references(store)
+
+
+def test_best_constant_caption_by_hand():
+    from foodcap.evaluation import best_constant_caption
+
+    refs = {"a": ["a bowl of soup"], "b": ["a bowl of rice"], "c": ["a bowl of soup with bread"]}
+    caption, cider = best_constant_caption(["a bowl of soup", "two red apples", "a bowl of soup"], refs, tokenizer="simple")
+    assert caption == "a bowl of soup" and cider > 0
+    with pytest.raises(ValueError, match="no candidate"):
+        best_constant_caption(["  "], refs)

@@ -51,3 +51,14 @@ def test_cli_writes_histogram_and_word_cloud(tmp_path, capsys):
     assert summary["tokens_min"] <= summary["tokens_median"] <= summary["tokens_max"]
     assert "captions" in capsys.readouterr().out
     assert main(["--data", str(tmp_path / "nope.csv"), "--out_dir", str(tmp_path)]) == 2
+
+
+def test_reads_a_feature_store(tmp_path):
+    import torch
+
+    from foodcap.features import FeatureStore, save_features
+
+    store = FeatureStore(torch.zeros(2, 4), [{"image_id": 1, "caption": "a cake", "clip_embedding": 0},
+                                             {"image_id": 2, "caption": "two pies", "clip_embedding": 1}], {})
+    assert read_captions(save_features(store, tmp_path / "s_train.pkl")) == ["a cake", "two pies"]
+    assert read_captions(save_features(store, tmp_path / "s_train.safetensors")) == ["a cake", "two pies"]
