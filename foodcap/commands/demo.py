@@ -129,7 +129,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"[4/5] held-out CIDEr {cider:.3f} vs {constant_cider:.3f} for the best constant caption "
           f"{constant!r}: {ratio:.1f}x")
 
-    photo_captions = captioner.caption([str(p) for p in photos])
+    photos, photo_captions = _caption_photos(captioner, photos)
     photo_rows = [ReportRow(p.name, str(p), [], c) for p, c in zip(photos, photo_captions)]
     notes = _notes(tiny_clip, tiny_gpt2, ratio)
     extra = {"demo": {"clip_model": args.clip_model_type, "gpt2": args.gpt2, "tiny_backbones": tiny_clip or tiny_gpt2,
@@ -144,6 +144,20 @@ def run_demo(args: argparse.Namespace) -> dict:
     for note in notes:
         print(f"note: {note}")
     return written
+
+
+def _caption_photos(captioner, photos: list[Path]) -> tuple[list[Path], list[str]]:
+    """Caption the photos that can be read; a bad file is reported and skipped."""
+    from ..images import BadImageError, load_image
+
+    good, images = [], []
+    for path in photos:
+        try:
+            images.append(load_image(path))
+            good.append(path)
+        except BadImageError as exc:
+            log.warning("skipped photo %s: %s", path, exc.reason)
+    return good, (captioner.caption(images) if images else [])
 
 
 def _notes(tiny_clip: bool, tiny_gpt2: bool, ratio: float) -> list[str]:
