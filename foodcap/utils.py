@@ -10,6 +10,9 @@ from typing import Iterator
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp's 0600 would otherwise make every written file private
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """`auto` → CUDA if present, else MPS where available, else CPU. Never a hard-coded cuda:0."""
@@ -31,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

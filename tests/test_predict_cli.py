@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 from pathlib import Path
 
@@ -154,3 +155,28 @@ def test_our_checkpoint_drops_the_eos_it_stops_at(tiny_model_factory, tmp_path, 
     ckpt = save_checkpoint(favour_token(tiny_model_factory("mlp", only_prefix=False), EOS), tmp_path / "eos")
     code, lines, _ = run(capsys, "--load_pt", ckpt, "--img", INF[0], "--max_length", 4, "--beam")
     assert code == 0 and lines == [[INF[0], ""]]
+
+
+def test_eval_scores_a_feature_store_and_reports_its_captions(checkpoint, tmp_path, capsys):
+    from foodcap.features import FeatureStore, load_features, save_features
+
+    torch.manual_seed(0)
+    captions = [{"image_id": f"img{i}", "caption": text, "clip_embedding": i}
+                for i, text in enumerate(["a bowl of soup", "a plate of pasta", "a cup of tea"])]
+    store = tmp_path / "tiny_test.pkl"
+    save_features(FeatureStore(torch.randn(3, 64), captions, {"clip_model": "tiny", "split": "test"}), store)
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--eval", "--data", store, "--greedy",
+                       "--max_length", "8", "--eval_dir", tmp_path / "eval")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "CIDEr" in json.dumps(metrics) and "BLEU-4" in json.dumps(metrics)
+    # The report shows the captions the library gives for the store's rows (greedy, same checkpoint).
+    expected = load_captioner(checkpoint, device="cpu").caption_embeddings(load_features(store).embeddings,
+                                                                           max_new_tokens=8)
+    page = html.unescape((tmp_path / "eval" / "report.html").read_text())
+    assert all(c in page for c in expected if c.strip())
+
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--eval")
+    assert code == 2 and "--eval needs --data" in err
+    code, _, err = run(capsys, "--load_pt", checkpoint)
+    assert code == 2 and "--img is required" in err

@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load_pt", default="./model_checkpoints/best.pt",
                    help="foodcap checkpoint dir (`<dir>/best.pt` means `<dir>/best/`) or an original ClipCap .pt")
-    p.add_argument("--img", nargs="+", required=True, help="image files, folders and/or glob patterns")
+    p.add_argument("--img", nargs="+", default=None, help="image files, folders and/or glob patterns")
+    p.add_argument("--eval", action="store_true",
+                   help="instead of --img: caption the feature store --data and score it (as `foodcap evaluate`)")
+    p.add_argument("--data", default=None, help="with --eval: feature store of the held-out split")
+    p.add_argument("--eval_dir", default="./eval", help="with --eval: where metrics.json and report.html go")
     g = p.add_argument_group("decoding (default: nucleus sampling at --temp, seeded)")
     g.add_argument("--beam", action="store_true", help="beam search, ranked as ClipCap ranks it")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (ClipCap's non-beam path)")
@@ -126,6 +130,22 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _evaluate(args: argparse.Namespace, decoding: dict[str, Any]) -> int:
+    from foodcap.checkpoint import CheckpointError
+    from foodcap.evaluation import evaluate
+
+    if not args.data:
+        return _fail("--eval needs --data <feature store>, e.g. ./RN50x4_RN_test.pkl")
+    try:
+        result = evaluate(args.load_pt, args.data, args.eval_dir, device=args.device, gpt2=args.gpt2,
+                          clip_model=args.clip_model_type, batch_size=args.batch_size, **decoding)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(result["metrics"], indent=2))
+    print(f"wrote {result['metrics_json']} and {result['report_html']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from foodcap.utils import setup_logging
@@ -146,6 +166,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         DecodingOptions.from_kwargs(**decoding)
     except (TypeError, ValueError) as exc:
         return _fail(str(exc))
+    if args.eval:
+        return _evaluate(args, decoding)
+    if not args.img:
+        return _fail("--img is required (or --eval --data <feature store> to score a held-out split)")
     try:
         captioner = load_captioner(args.load_pt, clip_model=args.clip_model_type, gpt2=args.gpt2, device=args.device)
         if args.normalize_prefix is not None:
