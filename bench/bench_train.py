@@ -2,14 +2,17 @@
 
     python bench/bench_train.py            # full: both configurations, GPT-2 124M (random weights)
     python bench/bench_train.py --quick    # smaller batch, fewer steps
+    python bench/bench_train.py --reference_padding   # also the naive step with ClipCap's padding
 
 Configurations (issue 4): the seed's (transformer mapper, prefix 40, clip length 40, 8 layers, 640-d CLIP,
 GPT-2 frozen) and MLP + tuned GPT-2 (prefix 10, 512-d CLIP). The naive baseline does what ClipCap's train.py
 does: captions padded with token 0 plus an attention mask, full logits over every position, cross entropy with
 ignore_index=0, (frozen case) GPT-2 parameters left requiring gradients with only the mapper in the optimizer, and
 a plain (unfused) AdamW. Ours is train.py's step: foodcap.training.CaptionLoss (LM head on caption positions only,
-no gradients for frozen weights) and its fused AdamW. Both get the same captions, padded to the same width.
-Captions are the real Kaggle food captions in tests/data/Captions.csv. Timing alternates the two steps and
+no gradients for frozen weights) and its fused AdamW. Both get the same captions (a seeded sample of the real
+Kaggle food captions in tests/data/Captions.csv) padded to the same width, the batch's longest caption; with
+--reference_padding the naive step is also timed on captions padded as ClipCap pads them, every caption to the
+dataset's max_seq_len (min(mean + 10 std, max) tokens: 153 here). Timing alternates the steps and
 reports the median step; peak memory is measured per step in a fresh process (CPU: peak RSS growth over the
 RSS before the step, GPU: torch.cuda peak allocation over the allocation before it).
 """
@@ -19,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -49,15 +53,28 @@ def build(name: str, device: torch.device):
     return model
 
 
-def make_batch(bs: int, clip_dim: int, device: torch.device) -> dict:
-    """The first `bs` real food captions (+ EOS), right-padded to the longest; random CLIP vectors."""
+def food_captions() -> list[str]:
+    with open(REPO / "tests" / "data" / "Captions.csv", newline="", encoding="utf-8") as fh:
+        return [row["Captions"] for row in csv.DictReader(fh) if row.get("Captions", "").strip()]
+
+
+def reference_max_len() -> int:
+    """The width ClipCap's dataset pads every caption to: min(mean + 10 std, max) tokens over the caption file."""
     from foodcap.language import load_tokenizer
 
-    with open(REPO / "tests" / "data" / "Captions.csv", newline="", encoding="utf-8") as fh:
-        captions = [row["Captions"] for row in csv.DictReader(fh) if row.get("Captions", "").strip()][:bs]
     tok = load_tokenizer("gpt2")
-    seqs = [tok.encode(c) + [tok.eos_token_id] for c in captions]
-    width = max(len(s) for s in seqs)
+    lengths = torch.tensor([len(tok.encode(c)) for c in food_captions()], dtype=torch.float)
+    return min(int(lengths.mean() + 10 * lengths.std()), int(lengths.max()))
+
+
+def make_batch(bs: int, clip_dim: int, device: torch.device, width: int | None = None) -> dict:
+    """`bs` real food captions drawn with a fixed seed (+ EOS), right-padded to the longest (or `width`)."""
+    from foodcap.language import load_tokenizer
+
+    captions = random.Random(0).sample(food_captions(), bs)
+    tok = load_tokenizer("gpt2")
+    seqs = [(tok.encode(c) + [tok.eos_token_id])[: width or None] for c in captions]
+    width = width or max(len(s) for s in seqs)
     tokens = torch.zeros(bs, width, dtype=torch.long)
     labels = torch.full((bs, width), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -139,18 +156,23 @@ def measure_memory(name: str, variant: str, bs: int, device: torch.device) -> fl
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-def bench_config(name: str, bs: int, steps: int, device: torch.device) -> dict:
+def bench_config(name: str, bs: int, steps: int, device: torch.device, reference_width: int | None = None) -> dict:
+    """Samples/s of each variant: the median of `steps` alternating timed steps after one warm-up step each."""
     torch.manual_seed(0)
     model_naive, model_ours = build(name, device), build(name, device)
     batch = make_batch(bs, model_naive.config.clip_dim, device)
-    naive, ours = Naive(model_naive), Ours(model_ours)
-    naive.step(batch), ours.step(batch)  # warm-up
-    times: dict[str, list[float]] = {"naive": [], "ours": []}
+    runners = {"naive": (Naive(model_naive), batch), "ours": (Ours(model_ours), batch)}
+    if reference_width:  # the reference as it really runs: every caption padded to the dataset's max_seq_len
+        runners["naive, reference padding"] = (runners["naive"][0], make_batch(bs, model_naive.config.clip_dim, device,
+                                                                            width=reference_width))
+    for runner, data in runners.values():
+        runner.step(data)
+    times: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(steps):
-        for label, runner in (("naive", naive), ("ours", ours)):
+        for label, (runner, data) in runners.items():
             _sync(device)
             start = time.perf_counter()
-            runner.step(batch)
+            runner.step(data)
             _sync(device)
             times[label].append(time.perf_counter() - start)
     return {k: bs / statistics.median(v) for k, v in times.items()}  # the median step resists a busy machine
@@ -162,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bs", type=int, default=None, help="batch size (default 16, quick 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 4, quick 2)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--reference_padding", action="store_true",
+                        help="also time the naive step on captions padded as ClipCap pads them (to the dataset's max_seq_len)")
     parser.add_argument("--memory_only", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from foodcap.utils import resolve_device
@@ -173,8 +197,11 @@ def main(argv=None) -> int:
         print(json.dumps({"peak_mib": measure_memory(args.memory_only[0], args.memory_only[1], bs, device)}))
         return 0
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {bs}, {steps} timed steps each")
+    reference_width = reference_max_len() if args.reference_padding else None
+    if reference_width:
+        print(f"reference padding: every caption to {reference_width} tokens (ClipCap's max_seq_len for Captions.csv)")
     for name in CONFIGS:
-        rates = bench_config(name, bs, steps, device)
+        rates = bench_config(name, bs, steps, device, reference_width)
         memory = {}
         for variant in ("naive", "ours"):
             # Fixed glibc thresholds: big tensors are mmapped and unmapped when freed, so RSS follows live memory.
@@ -185,6 +212,9 @@ def main(argv=None) -> int:
         print(f"{name}: naive {rates['naive']:.2f} samples/s, ours {rates['ours']:.2f} samples/s "
               f"-> {rates['ours'] / rates['naive']:.2f}x; peak step memory naive {memory['naive']:.0f} MiB, "
               f"ours {memory['ours']:.0f} MiB")
+        if reference_width:
+            ref = rates["naive, reference padding"]
+            print(f"  naive with reference padding {ref:.2f} samples/s -> ours {rates['ours'] / ref:.2f}x")
     return 0
 
 

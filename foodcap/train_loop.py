@@ -8,6 +8,7 @@ gradient averaging divides out), so the update does not depend on how the batch 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -112,11 +113,11 @@ class Trainer:
         return save_checkpoint(self.model, self.out_dir / name, extra=extra)
 
     # ----------------------------------------------------------------------------------------- loop
-    def _loader(self, batches) -> torch.utils.data.DataLoader:
+    def _loader(self) -> torch.utils.data.DataLoader:
         # Its own generator: building an iterator must not draw from the global RNG that dropout uses.
-        return torch.utils.data.DataLoader(self.train_set if isinstance(batches, GlobalBatchSampler) else self.val_set,
-                                           sampler=batches, batch_size=None, num_workers=self.cfg.num_workers,
-                                           generator=torch.Generator(), pin_memory=self.acc.device.type == "cuda")
+        return torch.utils.data.DataLoader(self.train_set, sampler=self.sampler, batch_size=None,
+                                           num_workers=self.cfg.num_workers, generator=torch.Generator(),
+                                           pin_memory=self.acc.device.type == "cuda")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
@@ -128,8 +129,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             sync = i == len(micro_batches) - 1
-            ctx = acc.no_sync(self.loss_module) if not sync else _nullcontext()
-            with ctx:
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            with acc.no_sync(self.loss_module) if not sync else contextlib.nullcontext():
                 loss_sum, _ = self.loss_module(batch["tokens"], batch["prefix"], batch["labels"])
                 # DDP averages gradients over processes; scaling by their count leaves sum / global tokens.
                 loss = loss_sum * acc.num_processes / batch["global_tokens"].float()
@@ -271,7 +272,7 @@ class Trainer:
     def _run_epoch(self, tqdm) -> None:
         cfg, acc = self.cfg, self.acc
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        loader = self._loader(self.sampler)
+        loader = self._loader()
         bar = tqdm(total=self.sampler.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not acc.is_main_process, unit="step")
         window, epoch_losses, started, seen = [], [], time.perf_counter(), 0
@@ -307,11 +308,3 @@ class Trainer:
         bar.close()
         complete = self.step_in_epoch == self.sampler.steps_per_epoch
         self._end_epoch(sum(epoch_losses) / len(epoch_losses) if epoch_losses else None, complete=complete)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -29,7 +29,13 @@ log = logging.getLogger(__name__)
 
 # ClipCap's defaults for the architecture flags (used when neither a flag nor a checkpoint says otherwise).
 ARCH_DEFAULTS = dict(mapping_type="mlp", prefix_length=10, clip_length=10, num_layers=8, normalize_prefix=False)
-DEFAULT_GPT2 = os.environ.get("FOODCAP_GPT2", "gpt2")  # FOODCAP_GPT2=tiny runs the seed's commands offline
+
+
+def default_gpt2() -> str:
+    """--gpt2 when neither the flag nor a checkpoint names one: FOODCAP_GPT2 (e.g. `tiny` for offline runs), else gpt2."""
+    return os.environ.get("FOODCAP_GPT2") or "gpt2"
+
+
 WARMUP_SHARE = 0.1  # --warmup_steps is capped to this share of the run's optimizer steps
 
 
@@ -165,8 +171,11 @@ def read_init_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
 
     resolved = resolve_checkpoint(path)
     if resolved.is_dir():
-        cfg = ModelConfig.from_dict(json.loads((resolved / CONFIG_NAME).read_text()))
-        return cfg, load_file(str(resolved / WEIGHTS_NAME)), str(resolved)
+        try:
+            cfg = ModelConfig.from_dict(json.loads((resolved / CONFIG_NAME).read_text()))
+            return cfg, load_file(str(resolved / WEIGHTS_NAME)), str(resolved)
+        except Exception as exc:  # noqa: BLE001 - unreadable JSON, unknown fields, a damaged safetensors file
+            raise CheckpointError(f"{resolved}: not a usable foodcap checkpoint ({type(exc).__name__}: {exc})") from exc
     state = read_clipcap_state_dict(resolved)
     return infer_clipcap_config(state, source=str(resolved)), state, str(resolved)
 
@@ -190,7 +199,7 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData, init: Optional[Mo
     if clashes:
         raise CheckpointError(f"{source}: the checkpoint does not fit the requested model ({'; '.join(clashes)}); "
                               "drop the contradicting flags or start from a matching checkpoint")
-    gpt2 = cfg.gpt2 or (init.gpt2 if init is not None else None) or DEFAULT_GPT2
+    gpt2 = cfg.gpt2 or (init.gpt2 if init is not None else None) or default_gpt2()
     return ModelConfig(**resolved, clip_dim=data.clip_dim, clip_model=data.clip_model or (init.clip_model if init else None),
                        gpt2=gpt2, only_prefix=cfg.only_prefix, append_eos=True, stop_token=None)
 
@@ -237,7 +246,7 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         if importlib.util.find_spec(tracker_module) is None and not (tracker_module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
             raise ValueError(f"--report_to {cfg.report_to} needs the {tracker_module} package: `pip install {tracker_module}` "
                              "(or --report_to none; train_log.csv/jsonl and loss_curve.png are written anyway)")
-    tokenizer = load_tokenizer(cfg.gpt2 or DEFAULT_GPT2)
+    tokenizer = load_tokenizer(cfg.gpt2 or default_gpt2())
     data = prepare_data(cfg, tokenizer)
     resume_from = latest_dir(cfg) if cfg.resume else None
     if resume_from is not None and not (resume_from / CONFIG_NAME).exists():
@@ -252,8 +261,6 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     else:
         init_cfg, init_state, source = None, None, ""
     mcfg = resolve_model_config(cfg, data, init_cfg, source)
-    if resume_from is not None and init_cfg is not None and init_cfg.gpt2_config:
-        mcfg.gpt2_config = init_cfg.gpt2_config
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the mapper's initial weights: identical in every process

@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from ..training import DEFAULT_GPT2, WARMUP_SHARE, TrainConfig
+from ..training import WARMUP_SHARE, TrainConfig, default_gpt2
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=TrainConfig.lr)
     opt.add_argument("--warmup_steps", type=int, default=TrainConfig.warmup_steps,
                      help=f"linear warm-up steps, capped at {WARMUP_SHARE * 100:.0f}%% of the run's optimizer steps")
-    opt.add_argument("--gpt2", default=None, help=f"GPT-2 name, local dir or 'tiny' (default {DEFAULT_GPT2!r}, or the checkpoint's)")
+    opt.add_argument("--gpt2", default=None, help=f"GPT-2 name, local dir or 'tiny' (default {default_gpt2()!r}, or the checkpoint's)")
     opt.add_argument("--val_data", default=None, help="validation store (default: the val/test split beside --data)")
     opt.add_argument("--no_val", action="store_true", help="no validation (best/ then follows the training loss)")
     opt.add_argument("--seed", type=int, default=TrainConfig.seed)
