@@ -92,15 +92,18 @@ def test_weights_dir_mismatch_names_the_parts(tmp_path, tiny_model_factory, caps
     assert code == 1 and "coco_weights.pt" in err and "mapping_type: flag transformer vs checkpoint mlp" in err
 
 
-def test_tensorboard_bf16_grad_accum_and_max_steps(tmp_path):
+def test_tensorboard_bf16_grad_accum_max_steps_normalize_prefix(tmp_path):
     write_store(tmp_path / "tiny_train.pkl")
     out = tmp_path / "o"
     code = main(["--data", str(tmp_path / "tiny_train.pkl"), "--gpt2", "tiny", "--out_dir", str(out), "--only_prefix",
                  "--prefix_length", "4", "--bs", "4", "--grad_accum", "2", "--mixed_precision", "bf16", "--max_steps", "2",
-                 "--report_to", "tensorboard", "--save_every", "0", "--no_val", "--log_every", "1", "--cpu"])
+                 "--report_to", "tensorboard", "--save_every", "0", "--no_val", "--log_every", "1", "--cpu",
+                 "--normalize_prefix"])
     assert code == 0
     assert list(out.rglob("events.out.tfevents.*"))  # Accelerate's TensorBoard tracker wrote its log
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "train_loss" in r] == [1, 2]
     state = torch.load(out / "latest" / "trainer_state.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2)  # stopped inside epoch 1
+    config = json.loads((out / "latest" / "config.json").read_text())
+    assert config["normalize_prefix"] is True and config["append_eos"] is True  # decoding repeats both
