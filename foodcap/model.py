@@ -143,7 +143,7 @@ class ClipCaptionModel(nn.Module):
     """GPT-2 conditioned on `prefix_length` embeddings computed from a CLIP image embedding.
 
     `forward(tokens, prefix, mask)` returns GPT-2's output whose `.logits` cover the prefix and the caption
-    positions, (B, P + T, V), as ClipCap's does. Training uses `caption_loss`, which needs far less work.
+    positions, (B, P + T, V), as ClipCap's does. Training uses `foodcap.training.CaptionLoss`, which runs the LM head only on caption positions.
     """
 
     def __init__(self, config: ModelConfig, gpt: nn.Module):
