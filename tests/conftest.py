@@ -39,3 +39,15 @@ def artifacts_dir() -> Path:
     path = REPO / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def peaky_gpt():
+    """A 64-token GPT-2 with large random weights: peaked, varied predictions, so captions end at many
+    different lengths (decoding tests)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.4,
+                        bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config).eval()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from foodcap.decoding import DecodingOptions, generate_token_ids, stop_token_ids, tokens_to_text
 from foodcap.language import load_tokenizer
@@ -15,14 +14,6 @@ from foodcap.model import ModelConfig
 PEAKY_STOP = 50
 PEAKY_MAX_LEN = 24
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and far faster than on two when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- ClipCap's decoding, written plainly
@@ -82,15 +73,6 @@ def clipcap_beam(gpt, prefix: torch.Tensor, beam_size: int, stop_ids: set[int], 
 
 
 # ---------------------------------------------------------------- models
-@pytest.fixture(scope="module")
-def peaky_gpt():
-    """A 64-token GPT-2 with large random weights: peaked, varied predictions, so captions end at
-    many different lengths."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.4,
-                        bos_token_id=None, eos_token_id=None)
-    return GPT2LMHeadModel(config).eval()
-
 
 @pytest.fixture(scope="module")
 def peaky_prefixes():

@@ -22,14 +22,6 @@ INF = sorted(str(p) for p in IMAGES.glob("inf*.jpg"))
 PERIOD, EOS = 13, 50256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and far faster than on two when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture
 def checkpoint(tiny_model_factory, tmp_path) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from foodcap.decoding import generate_token_ids
 from foodcap.sampling import (apply_repetition_penalty, ban_repeated_ngrams, nucleus_mask, sample_tokens,
@@ -16,21 +15,10 @@ MAX_LEN = 16
 PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and far faster than on two when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.4,
-                        bos_token_id=None, eos_token_id=None)
-    return GPT2LMHeadModel(config).eval()
+def gpt(peaky_gpt):
+    return peaky_gpt
 
 
 @pytest.fixture(scope="module")
