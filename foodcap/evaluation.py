@@ -58,6 +58,35 @@ def group_references(store, *, max_images: Optional[int] = None) -> list[ImageGr
     return [g for g in groups.values() if g.references]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def locate_images(groups: Sequence[ImageGroup], images_dir: str | os.PathLike) -> int:
+    """Point groups whose recorded image is missing (ClipCap .pkl stores record none) at `images_dir`.
+
+    A group's image is `images_dir/<recorded file name>` or `images_dir/<image_id>.<jpg|jpeg|png|webp|bmp>`
+    (the Kaggle food layout, `{Index}.jpg`). Returns how many groups now have a readable image path.
+    """
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder}: no such folder (it should hold the split's photos, e.g. {{image_id}}.jpg)")
+    by_name = {p.name: p for p in folder.iterdir() if p.is_file()}
+    by_stem = {p.stem: p for p in by_name.values() if p.suffix.lower() in IMAGE_SUFFIXES}
+    found = 0
+    for group in groups:
+        if group.image_path and Path(group.image_path).is_file():
+            found += 1
+            continue
+        hit = by_name.get(Path(group.image_path).name) if group.image_path else None
+        hit = hit or by_stem.get(group.image_id) or by_stem.get(Path(group.image_id).stem)
+        if hit is not None:
+            group.image_path = str(hit)
+            found += 1
+    if groups and not found:
+        log.warning("no photo of the %d evaluated images found in %s; the report has no thumbnails", len(groups), folder)
+    return found
+
+
 @dataclass
 class Evaluation:
     groups: list[ImageGroup]
@@ -92,14 +121,17 @@ def _captions_of(captioner, embeddings: torch.Tensor, decoding: dict) -> list[st
 
 def evaluate_captioner(captioner, store, *, metrics: Iterable[str] = ALL_METRICS, clip_score: bool = True,
                        tokenizer: str = "auto", max_images: Optional[int] = None, clip_model: Optional[str] = None,
-                       **decoding: Any) -> Evaluation:
+                       images_dir: Optional[str | os.PathLike] = None, **decoding: Any) -> Evaluation:
     """Caption every image of `store` from its stored embedding and score the captions against its references.
 
-    CLIPScore uses `clip_model`, else the store's recorded CLIP model, else the checkpoint's.
+    CLIPScore uses `clip_model`, else the store's recorded CLIP model, else the checkpoint's. `images_dir`
+    finds the report's thumbnails for stores that do not record readable image paths.
     """
     groups = group_references(store, max_images=max_images)
     if not groups:
         raise ValueError("the feature store holds no image with a reference caption: nothing to evaluate")
+    if images_dir is not None:
+        locate_images(groups, images_dir)
     embeddings = store.embeddings[torch.tensor([g.row for g in groups])]  # (N, D)
     generated = _captions_of(captioner, embeddings, decoding)
     result = score_captions({g.image_id: g.references for g in groups},
@@ -216,7 +248,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, *, titl
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None, *,
              device: str = "auto", gpt2: Optional[str] = None, clip_model: Optional[str] = None,
              metrics: Iterable[str] = ALL_METRICS, clip_score: bool = True, max_images: Optional[int] = None,
-             **decoding: Any) -> dict:
+             images_dir: Optional[str | os.PathLike] = None, **decoding: Any) -> dict:
     """Load a checkpoint and a feature store, evaluate, and (with out_dir) write metrics.json + report.html.
 
     The function behind `foodcap evaluate` and `predict.py --eval`; returns the corpus scores and, with
@@ -225,6 +257,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: Op
     from .captioner import load_captioner
     from .features import load_features
 
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise ValueError(f"--images {images_dir}: no such folder (it should hold the split's photos, e.g. {{image_id}}.jpg)")
     store = load_features(data)
     captioner = load_captioner(checkpoint, device=device, gpt2=gpt2, clip_model=clip_model)
     store_dim, model_dim = store.embeddings.shape[1], captioner.config.clip_dim
@@ -232,7 +266,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: Op
         raise ValueError(f"{data} holds {store_dim}-d CLIP embeddings but {checkpoint} expects {model_dim}-d: "
                          "evaluate on features extracted with the checkpoint's CLIP model")
     evaluation = evaluate_captioner(captioner, store, metrics=metrics, clip_score=clip_score, max_images=max_images,
-                                    clip_model=clip_model, **decoding)
+                                    clip_model=clip_model, images_dir=images_dir, **decoding)
     extra = {"checkpoint": str(checkpoint), "data": str(data), "decoding": decoding,
              "clip_model": (store.meta or {}).get("clip_model"), "split": (store.meta or {}).get("split")}
     if out_dir is None:

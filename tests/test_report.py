@@ -108,3 +108,25 @@ def test_best_constant_caption_by_hand():
     assert caption == "a bowl of soup" and cider > 0
     with pytest.raises(ValueError, match="no candidate"):
         best_constant_caption(["  "], refs)
+
+
+def test_images_folder_gives_thumbnails_to_stores_without_paths(tmp_path, tiny_model_factory):
+    from foodcap.captioner import Captioner
+    from foodcap.evaluation import evaluate_captioner, locate_images, write_evaluation
+    from foodcap.language import load_tokenizer
+
+    photos = sorted(IMAGES.glob("*.jpg"))[:3]
+    store = _tiny_store(photos, "tiny")
+    for entry in store.captions:  # a ClipCap .pkl records no image path
+        entry.pop("image_path")
+    captioner = Captioner(tiny_model_factory("mlp"), load_tokenizer("tiny"))
+    bare = evaluate_captioner(captioner, store, metrics=["CIDEr"], clip_score=False, max_new_tokens=4)
+    assert write_evaluation(bare, tmp_path / "bare")["report_html"]
+    assert (tmp_path / "bare" / "report.html").read_text().count("<img class='thumb'") == 0
+    found = evaluate_captioner(captioner, store, metrics=["CIDEr"], clip_score=False, max_new_tokens=4,
+                               images_dir=IMAGES)
+    assert [g.image_path for g in found.groups] == [str(p) for p in photos]
+    write_evaluation(found, tmp_path / "found")
+    assert (tmp_path / "found" / "report.html").read_text().count("<img class='thumb'") == 3
+    with pytest.raises(ValueError, match="no_such_dir"):
+        locate_images(found.groups, tmp_path / "no_such_dir")

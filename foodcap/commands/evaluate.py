@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of BLEU, METEOR, ROUGE-L, CIDEr, SPICE")
     g.add_argument("--no_clip_score", action="store_true", help="skip CLIPScore / RefCLIPScore")
     g.add_argument("--max_images", type=int, default=None, help="evaluate only the first N images of the store")
+    g.add_argument("--images", default=None, help="folder of the split's photos, for the report's thumbnails when the "
+                   "store does not record readable paths (e.g. ClipCap .pkl files; `{image_id}.jpg` is looked up)")
     g = p.add_argument_group("model and hardware")
     g.add_argument("--gpt2", default=None, help="GPT-2 for checkpoints that store only the mapper (default: recorded)")
     g.add_argument("--clip_model_type", default=None, help="CLIP model for CLIPScore (default: the store's)")
@@ -64,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = evaluate(args.load_pt, args.data, args.out_dir, device=args.device, gpt2=args.gpt2,
                           clip_model=args.clip_model_type, metrics=metrics, clip_score=not args.no_clip_score,
-                          max_images=args.max_images, **decoding_from_args(args))
+                          max_images=args.max_images, images_dir=args.images, **decoding_from_args(args))
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
