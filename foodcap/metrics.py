@@ -181,7 +181,8 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], candidates: Map
     wanted = {m.upper() for m in metrics}
     result = MetricsResult(per_image={k: {} for k in keys})
     no_java = java_missing_reason()
-    if tokenizer == "auto":
+    automatic = tokenizer == "auto"
+    if automatic:
         tokenizer = "simple" if no_java else "ptb"
     if tokenizer == "ptb" and no_java:
         raise RuntimeError(f"the PTB tokenizer needs Java: {no_java}; use tokenizer='simple'")
@@ -190,8 +191,18 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], candidates: Map
     result.tokenizer = tokenizer
     if not keys:
         return result
-    gts = tokenize_all({k: list(references[k]) for k in keys}, tokenizer)
-    res = tokenize_all({k: [candidates[k]] for k in keys}, tokenizer)
+    try:
+        gts = tokenize_all({k: list(references[k]) for k in keys}, tokenizer)
+        res = tokenize_all({k: [candidates[k]] for k in keys}, tokenizer)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        if not (automatic and tokenizer == "ptb"):
+            raise
+        # Java is there but the tokenizer failed (memory, timeout, broken jar): score anyway, and say so.
+        reason = f"PTB tokenizer failed ({type(exc).__name__}: {exc}); used a simple lower-case word tokenizer instead"
+        log.warning("%s", reason)
+        result.skipped["PTB tokenizer"], result.tokenizer, tokenizer = reason, "simple", "simple"
+        gts = tokenize_all({k: list(references[k]) for k in keys}, tokenizer)
+        res = tokenize_all({k: [candidates[k]] for k in keys}, tokenizer)
 
     def record(name: str, corpus: float, per: Sequence[float]) -> None:
         result.corpus[name] = float(corpus)

@@ -79,6 +79,21 @@ def test_without_java_pure_python_metrics_still_run(monkeypatch):
     assert simple_tokenize("A Bowl, of Soup's!") == "a bowl of soup's"
 
 
+def test_a_failing_ptb_tokenizer_falls_back_and_says_why(monkeypatch):
+    import subprocess
+
+    def broken(texts):
+        raise subprocess.CalledProcessError(1, ["java", "PTBTokenizer"])
+
+    monkeypatch.setattr(metrics, "java_missing_reason", lambda: None)
+    monkeypatch.setattr(metrics, "ptb_tokenize", broken)
+    result = score_captions(REFS, PERFECT, metrics=["BLEU", "CIDEr"])
+    assert result.tokenizer == "simple" and "PTB tokenizer failed" in result.skipped["PTB tokenizer"]
+    assert result.corpus["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(subprocess.CalledProcessError):  # asked for PTB explicitly: no silent substitute
+        score_captions(REFS, PERFECT, metrics=["BLEU"], tokenizer="ptb")
+
+
 def test_missing_references_is_a_clear_error():
     with pytest.raises(ValueError, match="no reference captions"):
         score_captions({"a": ["x"]}, {"a": "x", "b": "y"}, metrics=["BLEU"])
