@@ -70,15 +70,30 @@ def store_clip_model(store) -> Optional[str]:
     return (store.meta or {}).get("clip_model")
 
 
+def _encoder_architecture(clip_model) -> Optional[str]:
+    """`random:RN50x4` / `RN50x4:openai` / `RN50x4:/w.pt` -> `RN50x4`; None when no encoder is recorded."""
+    if not clip_model:
+        return None
+    name = str(clip_model)
+    if name.startswith("random:"):
+        name = name[len("random:"):]
+    arch = name.partition(":")[0]
+    # A bare weights file names no architecture: only the width can be checked then.
+    return None if arch.lower().endswith((".pt", ".pth", ".bin", ".safetensors")) else arch
+
+
 def check_clip_width(store, path, *, is_rn: bool) -> int:
     """The CLIP width comes from the data; `--is_rn` is accepted but must not contradict it."""
     width = int(store.embeddings.shape[1])
     clip_model = store_clip_model(store)
+    arch = _encoder_architecture(clip_model)
     if is_rn:
-        if clip_model and not str(clip_model).upper().startswith("RN"):
+        if arch == "tiny":  # the offline stand-in encoder takes the place of RN50x4 in the seed's commands
+            log.info("--is_rn with %s extracted by the 'tiny' stand-in encoder: using its %d-d width", path, width)
+        elif arch and not arch.upper().startswith("RN"):
             raise TrainingDataError(f"--is_rn says ResNet CLIP features, but {path} was extracted with {clip_model!r} "
                                     f"({width}-d); drop --is_rn (the width is read from the data)")
-        if not clip_model and width != RN_WIDTH:
+        if not arch and width != RN_WIDTH:
             raise TrainingDataError(f"--is_rn means RN50x4's {RN_WIDTH}-d features, but {path} holds {width}-d embeddings; "
                                     "drop --is_rn (the width is read from the data)")
     return width

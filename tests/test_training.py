@@ -330,3 +330,23 @@ def test_evaluation_hook_selects_best_and_stops_early(tmp_path):
     assert not torch.equal(best["clip_project.model.0.weight"], state_of(Path(cfg.out_dir) / "latest")["clip_project.model.0.weight"])
     logged = [r["val_score"] for r in records(Path(cfg.out_dir)) if "val_score" in r]
     assert logged == [1.0, 3.0, 2.0, 0.5]
+
+
+def test_is_rn_accepts_resnet_encoder_spellings_and_the_tiny_stand_in():
+    from foodcap.features import FeatureStore
+    from foodcap.train_data import check_clip_width
+
+    def store(dim, clip_model):
+        return FeatureStore(torch.zeros(2, dim), [], {"clip_model": clip_model})
+
+    # Every spelling of a ResNet encoder agrees with --is_rn; the seeded tiny stand-in runs the seed's command.
+    for name, dim in (("RN50x4", 640), ("random:RN50x4", 640), ("RN50x4:openai", 640), ("RN101", 512), ("tiny", 64)):
+        assert check_clip_width(store(dim, name), "d.pkl", is_rn=True) == dim
+    for name, dim in (("ViT-B/32", 512), ("random:ViT-L/14", 768)):
+        with pytest.raises(TrainingDataError, match=f"--is_rn.*{name}"):
+            check_clip_width(store(dim, name), "d.pkl", is_rn=True)
+    # A bare weights file names no architecture: the width decides.
+    assert check_clip_width(store(640, "/w/clip.pt"), "d.pkl", is_rn=True) == 640
+    with pytest.raises(TrainingDataError, match="640-d.*512-d"):
+        check_clip_width(store(512, "/w/clip.pt"), "d.pkl", is_rn=True)
+    assert check_clip_width(store(512, "ViT-B/32"), "d.pkl", is_rn=False) == 512
