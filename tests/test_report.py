@@ -130,3 +130,28 @@ def test_images_folder_gives_thumbnails_to_stores_without_paths(tmp_path, tiny_m
     assert (tmp_path / "found" / "report.html").read_text().count("<img class='thumb'") == 3
     with pytest.raises(ValueError, match="no_such_dir"):
         locate_images(found.groups, tmp_path / "no_such_dir")
+
+
+def test_evaluate_cli_decoding_flags_and_images_folder(tmp_path, tiny_model_factory, capsys):
+    from foodcap.checkpoint import save_checkpoint
+    from foodcap.commands.evaluate import main
+    from foodcap.features import save_features
+
+    photos = sorted(IMAGES.glob("*.jpg"))[:3]
+    store = _tiny_store(photos, "tiny")
+    for entry in store.captions:
+        entry.pop("image_path")
+    data = save_features(store, tmp_path / "test.pkl")
+    checkpoint = save_checkpoint(tiny_model_factory("mlp"), tmp_path / "ckpt")
+    out = tmp_path / "eval"
+    code = main(["--load_pt", str(checkpoint), "--data", str(data), "--out_dir", str(out), "--metrics", "BLEU,CIDEr",
+                 "--no_clip_score", "--beam", "--beam_size", "3", "--temp", "0.5", "--max_length", "5",
+                 "--no_repeat_ngram_size", "1", "--images", str(IMAGES)])
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["decoding"]["num_beams"] == 3 and payload["decoding"]["temperature"] == 0.5
+    assert payload["decoding"]["no_repeat_ngram_size"] == 1
+    assert (out / "report.html").read_text().count("<img class='thumb'") == 3
+    # bad decoding options are refused before the (here missing) checkpoint is opened
+    assert main(["--load_pt", str(tmp_path / "nope"), "--data", str(data), "--beam", "--beam_size", "0"]) == 2
+    assert "num_beams" in capsys.readouterr().err

@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decoding (default: greedy)")
     g.add_argument("--beam", action="store_true", help="beam search instead of greedy decoding")
     g.add_argument("--beam_size", type=int, default=5, help="beams per image with --beam (default 5)")
+    g.add_argument("--temp", type=float, default=1.0, help="temperature of beam scores, as in ClipCap (default 1.0)")
     g.add_argument("--max_length", type=int, default=67, help="most tokens per caption (default 67)")
+    g.add_argument("--stop_token", default=None, help="text token that ends a caption (default: EOS for foodcap "
+                   "checkpoints, '.' for original ClipCap ones)")
+    g.add_argument("--no_repeat_ngram_size", type=int, default=0, help="never repeat an n-gram (default 0: off)")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (default 1)")
     g.add_argument("--batch_size", type=int, default=32, help="images per decoding batch")
     g = p.add_argument_group("scoring")
     g.add_argument("--metrics", default="BLEU,METEOR,ROUGE-L,CIDEr,SPICE",
@@ -44,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    decoding: dict[str, Any] = {"max_new_tokens": args.max_length, "batch_size": args.batch_size}
+    decoding: dict[str, Any] = {"max_new_tokens": args.max_length, "stop_token": args.stop_token,
+                                "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                                "repetition_penalty": args.repetition_penalty}
     if args.beam:
-        decoding["num_beams"] = args.beam_size
+        decoding.update(num_beams=args.beam_size, temperature=args.temp)
     return decoding
 
 
@@ -63,10 +70,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         print(f"foodcap evaluate: unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}", file=sys.stderr)
         return 2
+    from ..decoding import DecodingOptions
+
+    decoding = decoding_from_args(args)
+    try:  # bad decoding options fail before the checkpoint and the store are loaded
+        DecodingOptions.from_kwargs(**decoding)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    except (TypeError, ValueError) as exc:
+        print(f"foodcap evaluate: error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(args.load_pt, args.data, args.out_dir, device=args.device, gpt2=args.gpt2,
                           clip_model=args.clip_model_type, metrics=metrics, clip_score=not args.no_clip_score,
-                          max_images=args.max_images, images_dir=args.images, **decoding_from_args(args))
+                          max_images=args.max_images, images_dir=args.images, batch_size=args.batch_size, **decoding)
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
