@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .language import GPT2_HEAD_SIZE, gpt2_rebuildable, load_language_model
+from .language import GPT2_HEAD_SIZE, TINY_GPT2_CONFIG, gpt2_rebuildable, load_language_model
 from .model import ClipCaptionModel, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # CLIP widths of the encoders ClipCap users trained on; used only when a .pt does not say.
 WIDTH_TO_ENCODER = {512: "ViT-B/32", 640: "RN50x4", 768: "ViT-L/14", 1024: "RN50x64"}
+# GPT-2 by embedding width, for mapper-only state dicts (no `gpt.*` tensors to read the size from).
+WIDTH_TO_GPT2 = {768: "gpt2", 1024: "gpt2-medium", 1280: "gpt2-large", 1600: "gpt2-xl", TINY_GPT2_CONFIG["n_embd"]: "tiny"}
 # Buffers that older transformers versions stored in GPT-2 state dicts and newer ones no longer have.
 _LEGACY_GPT2_BUFFERS = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -146,6 +148,11 @@ def infer_clipcap_config(state: dict[str, torch.Tensor], *, source: str = "state
                        n_positions=wpe.shape[0])
         cfg.update(gpt2=gpt2 or "gpt2", gpt2_config=gpt_cfg, only_prefix=False)
     else:
+        if gpt2 is None:  # only the transformer mapper gets here (the MLP needs `gpt.*` to tell its width)
+            gpt2 = WIDTH_TO_GPT2.get(d)
+            if gpt2 is None:
+                raise CheckpointError(f"{source}: mapper-only state dict for a {d}-d GPT-2, which is no known size "
+                                      f"({sorted(WIDTH_TO_GPT2)}); pass --gpt2 with the GPT-2 it was trained with")
         cfg.update(gpt2=gpt2 or "gpt2", only_prefix=True)
     cfg.update(clip_model=clip_model or WIDTH_TO_ENCODER.get(cfg["clip_dim"]), append_eos=False, stop_token=".")
     return ModelConfig(**cfg)

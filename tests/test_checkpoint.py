@@ -147,3 +147,23 @@ def test_device_auto_never_hardcodes_cuda():
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert resolve_device("auto").type == expected
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_mapper_only_clipcap_pt_reads_the_gpt2_size_from_the_width(tmp_path, tiny_model_factory):
+    model = tiny_model_factory("transformer", prefix_length=5, clip_length=3, seed=4)
+    mapper_only = {k: v for k, v in model.state_dict().items() if not k.startswith("gpt.")}
+    # The transformer mapper's width names the GPT-2 size: 128 is the seeded tiny one, 1024 gpt2-medium.
+    assert infer_clipcap_config(mapper_only).gpt2 == "tiny"
+    pt = tmp_path / "transformer_weights.pt"
+    torch.save(mapper_only, pt)
+    loaded = foodcap.load_captioner(pt, device="cpu").model
+    tokens, x = torch.randint(0, 50257, (2, 5)), torch.randn(2, 64)
+    torch.testing.assert_close(_logits(loaded, tokens, x), _logits(model, tokens, x), rtol=0, atol=0)
+    wide = {"clip_project.prefix_const": torch.zeros(5, 1024), "clip_project.linear.weight": torch.zeros(3 * 1024, 640),
+            "clip_project.transformer.layers.0.norm1.weight": torch.zeros(1024)}
+    assert infer_clipcap_config(wide).gpt2 == "gpt2-medium"
+    assert infer_clipcap_config(wide, gpt2="/models/my-gpt2").gpt2 == "/models/my-gpt2"
+    wide["clip_project.prefix_const"] = torch.zeros(5, 96)
+    wide["clip_project.linear.weight"] = torch.zeros(3 * 96, 640)
+    with pytest.raises(CheckpointError, match="96-d GPT-2.*--gpt2"):
+        infer_clipcap_config(wide)
