@@ -172,3 +172,18 @@ def test_eval_scores_a_feature_store_and_reports_its_captions(checkpoint, tmp_pa
     assert code == 2 and "--eval needs --data" in err
     code, _, err = run(capsys, "--load_pt", checkpoint)
     assert code == 2 and "--img is required" in err
+
+
+def test_expand_images_files_folders_globs_and_bracketed_names(tmp_path):
+    import shutil
+
+    from foodcap.commands.predict import expand_images
+
+    bracketed = tmp_path / "dish[1].jpg"  # glob syntax in a real file name: the file itself
+    shutil.copy(INF[0], bracketed)
+    (tmp_path / "sub").mkdir()
+    shutil.copy(INF[1], tmp_path / "sub" / "b.JPG")
+    paths, unmatched = expand_images([str(bracketed), str(tmp_path / "sub"), f"{IMAGES}/inf*.jpg", INF[0],
+                                      str(tmp_path / "none*.png"), str(tmp_path)])
+    assert paths == [str(bracketed), str(tmp_path / "sub" / "b.JPG"), *INF]  # in order, repeats dropped
+    assert [p for p, _ in unmatched] == [str(tmp_path / "none*.png")]

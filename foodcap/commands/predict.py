@@ -90,7 +90,7 @@ def expand_images(patterns: list[str]) -> tuple[list[str], list[tuple[str, str]]
             found = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 unmatched.append((pattern, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder"))
-        elif glob.has_magic(pattern):
+        elif glob.has_magic(pattern) and not path.is_file():  # "dish[1].jpg" that exists is a file, not a glob
             found = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
                 unmatched.append((pattern, "no files match this pattern"))
