@@ -193,6 +193,21 @@ def test_shards_merged_equal_a_single_run(coco_like, tmp_path, caplog):
     _same(single, {p.stem.rsplit("_", 1)[-1]: load_features(p) for p in out.glob("tiny_RN_*.pkl")})
 
 
+def test_torchrun_processes_each_extract_a_shard_and_rank0_merges(coco_like, tmp_path):
+    single = _run(coco_like, tmp_path / "single", "--test_size", "0.3")
+    out = tmp_path / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "parse_food.py"), "--clip_model_type", "tiny", "--data_path", str(coco_like),
+                           "--out_dir", str(out), "--num_workers", "0", "--batch_size", "4", "--test_size", "0.3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each process encoded its own half (no shard run twice), and rank 0 merged them into the single run's stores.
+    # 10 images in 3 batches of 4: shard 0 owns batch 0 (4 images), shard 1 batches 1-2 (6 images).
+    assert done.stderr.count("encoded 4 images") == 1 and done.stderr.count("encoded 6 images") == 1, done.stderr[-3000:]
+    _same(single, {p.stem.rsplit("_", 1)[-1]: load_features(p) for p in out.glob("tiny_RN_*.pkl")})
+
+
 def test_seed_command_line_on_kaggle_layout(tmp_path, monkeypatch):
     """The seed README's command, on the real Captions.csv with photos in dataset/ (first 12 rows)."""
     root = tmp_path / "food"

@@ -3,8 +3,10 @@
     python parse_food.py --clip_model_type RN50x4 --data_path ./food --token_limit 60 --test_size 0.1
     # -> ./RN50x4_RN_train.pkl, ./RN50x4_RN_test.pkl, ./RN50x4_RN_report.json
 
-Large jobs: run `--num_shards N --shard_index i` for every i (machines, GPUs or a job array sharing --out_dir),
-then the same command with `--merge`. An interrupted run resumes when rerun with the same command.
+Large jobs: run `--num_shards N --shard_index i` for every i (machines, GPUs or a job array sharing --out_dir,
+e.g. `--shard_index $SLURM_ARRAY_TASK_ID`), then the same command with `--merge`. Under torchrun
+(`torchrun --nproc_per_node 4 parse_food.py ...`) each process takes shard RANK of WORLD_SIZE and GPU LOCAL_RANK,
+and rank 0 merges once every shard is done. An interrupted run resumes when rerun with the same command.
 """
 from __future__ import annotations
 
@@ -57,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="resume an interrupted run (the default; kept for clarity)")
     g.add_argument("--no_resume", action="store_true", help="discard partial results and start again")
     g.add_argument("--save_every", type=int, default=20, help="batches per progress chunk on disk (default 20)")
-    g.add_argument("--num_shards", type=int, default=1, help="split the images into N disjoint shards")
-    g.add_argument("--shard_index", type=int, default=0, help="which shard this process extracts")
+    g.add_argument("--num_shards", type=int, default=None,
+                   help="split the images into N disjoint shards (default 1; WORLD_SIZE under torchrun)")
+    g.add_argument("--shard_index", type=int, default=None,
+                   help="which shard this process extracts (default 0; RANK under torchrun)")
     g.add_argument("--merge", action="store_true", help="join finished shards into the final stores")
     g.add_argument("--keep_parts", action="store_true", help="keep the per-batch parts folder after writing")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -73,6 +77,44 @@ def output_prefix(clip_model: str) -> str:
     elif source:
         arch = f"{arch}_{source}"
     return re.sub(r"[^A-Za-z0-9@.+-]+", "_", arch.replace("/", "_")) + "_RN"
+
+
+def launched_shards(args) -> bool:
+    """Fill --num_shards/--shard_index from torchrun's WORLD_SIZE/RANK when not given; True if torchrun set them."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from_launcher = args.num_shards is None and world > 1 and "RANK" in os.environ
+    if from_launcher:
+        args.num_shards, args.shard_index = world, int(os.environ["RANK"])
+        if args.device == "auto" and "LOCAL_RANK" in os.environ:
+            import torch
+
+            if torch.cuda.is_available():  # one GPU per process, not every process on the first GPU
+                args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    args.num_shards = 1 if args.num_shards is None else args.num_shards
+    args.shard_index = 0 if args.shard_index is None else args.shard_index
+    return from_launcher
+
+
+def _wait_for_every_shard() -> bool:
+    """Barrier over torchrun's processes (gloo; no GPU needed); False when no process group can be formed."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ:
+        return False
+    try:
+        created = not dist.is_initialized()
+        if created:
+            # Shards can finish hours apart on uneven data: a long timeout, as the barrier only waits.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+        dist.barrier()
+        if created:
+            dist.destroy_process_group()
+        return True
+    except (RuntimeError, ValueError) as exc:
+        log.warning("could not wait for the other shards (%s)", exc)
+        return False
 
 
 def main(argv=None) -> int:
@@ -96,6 +138,7 @@ def _run(args) -> int:
     from ..extractor import bad_report, build_stores, merge_parts, run_shard
     from ..features import save_features
 
+    from_launcher = launched_shards(args)
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard_index must be in [0, --num_shards={args.num_shards})")
     dataset = read_dataset(args.data_path, args.format, args.image_dir, args.image_column, args.caption_column)
@@ -119,7 +162,10 @@ def _run(args) -> int:
         if shard.seconds:
             log.info("encoded %d images in %.1f s (%.1f images/s)", shard.encoded, shard.seconds,
                      shard.encoded / shard.seconds)
-        if args.num_shards > 1:
+        if from_launcher and _wait_for_every_shard():
+            if args.shard_index != 0:
+                return 0  # rank 0 merges
+        elif args.num_shards > 1:
             log.info("shard %d of %d done in %s; when every shard is done run the same command with --merge",
                      args.shard_index, args.num_shards, parts)
             return 0
