@@ -281,3 +281,10 @@ def test_cli_serves_on_loopback_until_stopped(checkpoint, reference, tmp_path):
                 process.wait()
     assert f"http://127.0.0.1:{port}" in log_path.read_text()
 
+
+
+def test_cli_takes_predicts_clip_flag_and_the_short_one():
+    from foodcap.commands.serve import build_parser
+
+    for flag in ("--clip_model_type", "--clip_model"):
+        assert build_parser().parse_args(["--load_pt", "ckpt", flag, "RN50x4"]).clip_model == "RN50x4"

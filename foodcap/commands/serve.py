@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="foodcap serve", description="Serve a captioning web page and a /caption API (Gradio).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--load_pt", required=True,
-                        help="checkpoint directory, or an original ClipCap .pt (with --clip_model)")
+                        help="checkpoint directory, or an original ClipCap .pt (with --clip_model_type)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on; 0.0.0.0 exposes the app to your network")
     parser.add_argument("--port", type=int, default=7860, help="TCP port")
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_images", type=int, default=16, help="most photos in one request")
     parser.add_argument("--max_megapixels", type=float, default=40.0,
                         help="largest photo (width x height) decoded; bigger ones are refused")
-    parser.add_argument("--clip_model", default=None, help="CLIP encoder, when the checkpoint does not record it")
+    parser.add_argument("--clip_model_type", "--clip_model", dest="clip_model", default=None,
+                        help="CLIP encoder (default: the one recorded in the checkpoint), as in predict.py")
     parser.add_argument("--gpt2", default=None, help="GPT-2 name or path, when the checkpoint does not record it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--examples", default=None,
