@@ -187,3 +187,12 @@ def test_expand_images_files_folders_globs_and_bracketed_names(tmp_path):
                                       str(tmp_path / "none*.png"), str(tmp_path)])
     assert paths == [str(bracketed), str(tmp_path / "sub" / "b.JPG"), *INF]  # in order, repeats dropped
     assert [p for p, _ in unmatched] == [str(tmp_path / "none*.png")]
+
+
+def test_unwritable_out_is_a_clear_error_after_the_captions(checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, lines, err = run(capsys, "--load_pt", checkpoint, "--img", INF[0], "--max_length", 3, "--greedy",
+                           "--out", blocker / "captions.json")
+    assert code == 2 and [line[0] for line in lines] == [INF[0]]
+    assert "--out" in err and "captions.json" in err and "Traceback" not in err

@@ -211,7 +211,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if out is not None:
         meta = {"checkpoint": str(args.load_pt), "clip_model": captioner.clip_model, "decoding": decoding}
-        write_results(out, results + [{"image": p, "error": r} for p, r in unmatched], meta)
+        try:
+            write_results(out, results + [{"image": p, "error": r} for p, r in unmatched], meta)
+        except OSError as exc:  # the captions are on stdout already; say why the file is missing
+            return _fail(f"--out {out}: cannot write it ({exc}); choose a writable path")
         log.info("wrote %d results to %s", len(results), out)
     if failures:
         print(f"foodcap predict: {len(failures)} of {len(paths) + len(unmatched)} inputs failed", file=sys.stderr)
