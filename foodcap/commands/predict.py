@@ -5,7 +5,7 @@
 
 Prints `path<TAB>caption` per image on stdout (more captions tab-separated with --num_captions); images
 that cannot be read are reported on stderr, the others are still captioned, and the exit code is 1
-when any failed (2 for a bad checkpoint or bad options).
+when any failed (2 for a bad checkpoint, bad options or an --out file that cannot be written).
 """
 from __future__ import annotations
 
