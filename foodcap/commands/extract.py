@@ -141,6 +141,8 @@ def _run(args) -> int:
     from_launcher = launched_shards(args)
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard_index must be in [0, --num_shards={args.num_shards})")
+    if args.merge and from_launcher and args.shard_index != 0:
+        return 0  # `torchrun ... --merge`: one process merges (the others would race it on the same files)
     dataset = read_dataset(args.data_path, args.format, args.image_dir, args.image_column, args.caption_column)
     plan = plan_extraction(dataset.records, token_limit=args.token_limit, test_size=args.test_size,
                            val_size=args.val_size, seed=args.seed)
