@@ -200,6 +200,8 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData, init: Optional[Mo
         raise CheckpointError(f"{source}: the checkpoint does not fit the requested model ({'; '.join(clashes)}); "
                               "drop the contradicting flags or start from a matching checkpoint")
     gpt2 = cfg.gpt2 or (init.gpt2 if init is not None else None) or default_gpt2()
+    if Path(gpt2).is_dir():  # a local GPT-2: recorded absolute, so the checkpoint loads from any working directory
+        gpt2 = str(Path(gpt2).resolve())
     return ModelConfig(**resolved, clip_dim=data.clip_dim, clip_model=data.clip_model or (init.clip_model if init else None),
                        gpt2=gpt2, only_prefix=cfg.only_prefix, append_eos=True, stop_token=None)
 

@@ -350,3 +350,18 @@ def test_is_rn_accepts_resnet_encoder_spellings_and_the_tiny_stand_in():
     with pytest.raises(TrainingDataError, match="640-d.*512-d"):
         check_clip_width(store(512, "/w/clip.pt"), "d.pkl", is_rn=True)
     assert check_clip_width(store(512, "ViT-B/32"), "d.pkl", is_rn=False) == 512
+
+
+def test_local_gpt2_dir_is_recorded_absolute(tmp_path, monkeypatch):
+    from foodcap.checkpoint import load_model
+
+    load_language_model("tiny").save_pretrained(tmp_path / "my_gpt2")
+    write_store(tmp_path / "tiny_train.pkl")
+    monkeypatch.chdir(tmp_path)
+    best = train(tiny_config(tmp_path, gpt2="my_gpt2", only_prefix=True, max_steps=1, no_val=True))
+    config = json.loads((Path(best) / "config.json").read_text())
+    assert config["gpt2"] == str((tmp_path / "my_gpt2").resolve())  # mapper-only checkpoint: GPT-2 rebuilt from here
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_model(best).config.gpt2 == config["gpt2"]
