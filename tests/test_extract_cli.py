@@ -246,3 +246,15 @@ def test_output_prefix_follows_the_seed():
     assert output_prefix("RN50x4") == "RN50x4_RN"
     assert output_prefix("ViT-B/32") == "ViT-B_32_RN"
     assert output_prefix("RN50x4:/models/my weights.pt") == "RN50x4_my_weights_RN"
+
+
+def test_relative_weights_path_is_recorded_absolute(coco_like, tmp_path, monkeypatch):
+    from foodcap.encoders import load_encoder as build
+
+    torch.save(build("tiny").model.state_dict(), tmp_path / "clip.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--clip_model_type", "tiny:./clip.pt", "--data_path", str(coco_like), "--out_dir", "out",
+                 "--num_workers", "0", "--batch_size", "4", "--test_size", "0"]) == 0
+    store = load_features(tmp_path / "out" / "tiny_clip_RN_train.pkl")  # the seed's naming keeps the file stem
+    # predict.py rebuilds the encoder from this name, maybe from another folder: it must not depend on the cwd.
+    assert store.meta["clip_model"] == f"tiny:{(tmp_path / 'clip.pt').resolve()}"

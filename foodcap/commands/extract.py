@@ -117,6 +117,14 @@ def _wait_for_every_shard() -> bool:
         return False
 
 
+def absolute_weights(clip_model: str) -> str:
+    """`RN50x4:./w.pt` -> `RN50x4:/abs/w.pt`: the name is recorded in the store, and predict.py may run elsewhere."""
+    arch, sep, source = clip_model.partition(":")
+    if sep and arch not in ("hf-hub", "local-dir", "random") and source and Path(source).expanduser().is_file():
+        return f"{arch}:{Path(source).expanduser().resolve()}"
+    return clip_model
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..utils import setup_logging
@@ -153,6 +161,7 @@ def _run(args) -> int:
                            "pass the image folder with --image_dir")
     out_dir = Path(args.out_dir)
     prefix = args.output_prefix or output_prefix(args.clip_model_type)
+    args.clip_model_type = absolute_weights(args.clip_model_type)
     parts = out_dir / f"{prefix}_parts"
     if not args.merge:
         from ..encoders import load_encoder
