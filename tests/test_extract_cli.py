@@ -258,3 +258,10 @@ def test_relative_weights_path_is_recorded_absolute(coco_like, tmp_path, monkeyp
     store = load_features(tmp_path / "out" / "tiny_clip_RN_train.pkl")  # the seed's naming keeps the file stem
     # predict.py rebuilds the encoder from this name, maybe from another folder: it must not depend on the cwd.
     assert store.meta["clip_model"] == f"tiny:{(tmp_path / 'clip.pt').resolve()}"
+
+
+def test_rerun_without_a_split_removes_the_earlier_runs_store(coco_like, tmp_path):
+    out = tmp_path / "out"
+    assert set(_run(coco_like, out, "--test_size", "0.3")) == {"train", "test"}
+    # train.py takes `*_test.pkl` beside the data as validation: a stale one would hold images now in train.
+    assert set(_run(coco_like, out, "--test_size", "0")) == {"train"}

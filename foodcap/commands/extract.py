@@ -193,6 +193,12 @@ def _run(args) -> int:
     written = {}
     for split, store in stores.items():
         written[split] = str(save_features(store, out_dir / f"{prefix}_{split}.{args.output_format}"))
+    for split in ("train", "val", "test"):
+        stale = out_dir / f"{prefix}_{split}.{args.output_format}"
+        if split not in stores and stale.exists():
+            # train.py would take a left-over split of an earlier run as validation data (its images may now be in train).
+            log.warning("removing %s: left from an earlier run, this one makes no %s split", stale, split)
+            stale.unlink()
     skipped = bad_report(plan, merged)
     report = {"clip_model": args.clip_model_type, "clip_dim": dim, "dataset": str(dataset.caption_file),
               "image_dir": str(dataset.image_dir), "format": dataset.format,
