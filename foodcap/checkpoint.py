@@ -38,6 +38,18 @@ class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be used, with what was found and what was expected."""
 
 
+def recover_checkpoint_dir(final: str | os.PathLike) -> Path:
+    """A kill between the two renames of `_atomic_replace_dir` leaves only `<final>.old-<pid>`: put it back."""
+    final = Path(final)
+    if not final.exists():
+        olds = sorted(final.parent.glob(final.name + ".old-*"), key=lambda p: p.stat().st_mtime)
+        olds = [p for p in olds if (p / CONFIG_NAME).exists() and (p / WEIGHTS_NAME).exists()]
+        if olds:
+            os.replace(olds[-1], final)
+            log.warning("restored %s from %s (a save was interrupted while replacing it)", final, olds[-1].name)
+    return final
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     old = None
     if final.exists():
@@ -80,6 +92,9 @@ def save_checkpoint(model: ClipCaptionModel, directory: str | os.PathLike, *,
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Our checkpoint dir, a ClipCap `.pt`, a folder with exactly one `.pt`, or `<dir>/best.pt` → `<dir>/best`."""
     p = Path(path)
+    if p.suffix == ".pt" and not p.exists():
+        recover_checkpoint_dir(p.with_suffix(""))
+    recover_checkpoint_dir(p)
     if p.is_dir() and (p / CONFIG_NAME).exists():
         return p
     if p.is_file():

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, infer_clipcap_config, read_clipcap_state_dict, resolve_checkpoint
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, infer_clipcap_config, read_clipcap_state_dict,
+                         recover_checkpoint_dir, resolve_checkpoint)
 from .model import ClipCaptionModel, ModelConfig
 from .train_data import (IGNORE_INDEX, TrainingDataError, check_clip_width, find_val_path, load_checked_store, reference_max_tokens,
                          store_clip_model, tokenize_captions)
@@ -250,7 +251,7 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
                              "(or --report_to none; train_log.csv/jsonl and loss_curve.png are written anyway)")
     tokenizer = load_tokenizer(cfg.gpt2 or default_gpt2())
     data = prepare_data(cfg, tokenizer)
-    resume_from = latest_dir(cfg) if cfg.resume else None
+    resume_from = recover_checkpoint_dir(latest_dir(cfg)) if cfg.resume else None
     if resume_from is not None and not (resume_from / CONFIG_NAME).exists():
         if isinstance(cfg.resume, str) and cfg.resume not in ("", "latest"):
             raise CheckpointError(f"--resume {resume_from}: no checkpoint there (expected {CONFIG_NAME} + {WEIGHTS_NAME})")

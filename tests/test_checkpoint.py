@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -167,3 +168,16 @@ def test_mapper_only_clipcap_pt_reads_the_gpt2_size_from_the_width(tmp_path, tin
     wide["clip_project.linear.weight"] = torch.zeros(3 * 96, 640)
     with pytest.raises(CheckpointError, match="96-d GPT-2.*--gpt2"):
         infer_clipcap_config(wide)
+
+
+def test_save_killed_between_renames_is_recovered(tmp_path, tiny_model_factory):
+    from foodcap.checkpoint import save_checkpoint
+
+    model = tiny_model_factory("mlp", seed=5)
+    save_checkpoint(model, tmp_path / "best")
+    # What a kill between `best -> best.old-<pid>` and `tmp -> best` leaves behind.
+    os.replace(tmp_path / "best", tmp_path / "best.old-123")
+    loaded = load_model(tmp_path / "best.pt")  # the food fork's name for best/
+    assert (tmp_path / "best" / "config.json").exists() and not (tmp_path / "best.old-123").exists()
+    tokens, x = torch.randint(0, 50257, (2, 5)), torch.randn(2, 64)
+    torch.testing.assert_close(_logits(loaded, tokens, x), _logits(model, tokens, x), rtol=0, atol=0)
