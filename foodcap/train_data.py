@@ -132,10 +132,13 @@ class TokenizedCaptions:
         return self.flat[int(self.offsets[i]):int(self.offsets[i + 1])]
 
 
-def token_cache_key(captions: Sequence[str], *, append_eos: bool) -> str:
-    """Content hash of the caption texts (what the tokens derive from): edits to the data change the key."""
+def token_cache_key(captions: Sequence[str], *, append_eos: bool, tokenizer=None) -> str:
+    """Content hash of the caption texts and the vocabulary (what the tokens derive from): edits change the key."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"version": TOKEN_CACHE_VERSION, "vocab": "gpt2-bpe", "append_eos": append_eos}).encode())
+    # A tokenizer with added tokens (a local GPT-2 with its own vocabulary) must not reuse plain GPT-2's ids.
+    vocab = ({"vocab_size": len(tokenizer) if hasattr(tokenizer, "__len__") else None, "eos": tokenizer.eos_token_id}
+             if tokenizer is not None else "gpt2-bpe")
+    digest.update(json.dumps({"version": TOKEN_CACHE_VERSION, "vocab": vocab, "append_eos": append_eos}).encode())
     for text in captions:
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
@@ -151,7 +154,7 @@ def tokenize_captions(captions: Sequence[str], tokenizer, *, append_eos: bool = 
     """Tokenize every caption once; cached as `<data stem>_tokens-<hash>.pt` beside the data (else ~/.cache/foodcap)."""
     from tqdm.auto import tqdm
 
-    key = token_cache_key(captions, append_eos=append_eos)
+    key = token_cache_key(captions, append_eos=append_eos, tokenizer=tokenizer)
     cache_name = f"{Path(data_path).stem}_tokens-{key[:16]}.pt" if data_path else None
     if use_cache and cache_name:
         for folder in _cache_dirs(Path(data_path)):

@@ -279,6 +279,14 @@ def test_token_cache_is_keyed_by_content(tmp_path, tokenizer):
     assert counting.calls == 2 and third[len(texts) - 1].tolist() == tokenizer.encode("A plate of fish.") + [tokenizer.eos_token_id]
     assert [p.name for p in tmp_path.glob("c_train_tokens-*.pt")] != [caches[0].name]
 
+    class BiggerVocabulary(CountingTokenizer):  # e.g. a local GPT-2 with added tokens: ids may differ
+        def __len__(self):
+            return len(tokenizer) + 1
+
+    bigger = BiggerVocabulary()
+    tokenize_captions(texts, bigger, data_path=path)
+    assert bigger.calls == 1  # the plain GPT-2 cache of the same captions was not reused
+
 
 def test_global_batches_do_not_depend_on_process_count():
     lengths = torch.randint(3, 20, (23,))
