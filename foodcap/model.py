@@ -42,11 +42,22 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"config.json has unknown fields {unknown}; expected a subset of {sorted(known)}")
+        missing = [name for name in REQUIRED_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"config.json lacks the fields {missing}: without them the network cannot be rebuilt")
         return cls(**data)
 
     def __post_init__(self) -> None:
         if self.mapping_type not in ("mlp", "transformer"):
             raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {self.mapping_type!r}")
+        for name in ("prefix_length", "clip_length", "num_layers", "num_heads", "clip_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# Fields a stored config must carry: their defaults could silently build a different network.
+REQUIRED_FIELDS = ("mapping_type", "prefix_length", "clip_length", "num_layers", "clip_dim", "gpt2")
 
 
 class MLP(nn.Module):

@@ -181,3 +181,12 @@ def test_save_killed_between_renames_is_recovered(tmp_path, tiny_model_factory):
     assert (tmp_path / "best" / "config.json").exists() and not (tmp_path / "best.old-123").exists()
     tokens, x = torch.randint(0, 50257, (2, 5)), torch.randn(2, 64)
     torch.testing.assert_close(_logits(loaded, tokens, x), _logits(model, tokens, x), rtol=0, atol=0)
+
+
+def test_incomplete_config_is_an_error_naming_the_file(tmp_path, tiny_model_factory):
+    out = save_checkpoint(tiny_model_factory("mlp"), tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    del config["prefix_length"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"ckpt/config.json: not a foodcap model config .*prefix_length"):
+        load_model(out)

@@ -100,3 +100,7 @@ def test_config_rejects_unknown_fields_and_mapping_types():
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_dict({"mapping_type": "mlp", "bogus": 1})
     assert ModelConfig.from_dict(ModelConfig(prefix_length=7).to_dict()).prefix_length == 7
+    with pytest.raises(ValueError, match=r"lacks the fields \['clip_dim'\]"):
+        ModelConfig.from_dict({k: v for k, v in ModelConfig().to_dict().items() if k != "clip_dim"})
+    with pytest.raises(ValueError, match="prefix_length must be a positive integer, got '10'"):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "prefix_length": "10"})
