@@ -94,14 +94,15 @@ def test_reads_the_food_forks_pandas_rows(tmp_path, protocol):
 
 
 class _Boom:
+    marker = ""
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/foodcap_pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_malicious_pickle_is_refused_without_running(tmp_path):
-    marker = "/tmp/foodcap_pwned"
-    if os.path.exists(marker):
-        os.unlink(marker)
+    marker = str(tmp_path / "pwned")
+    _Boom.marker = marker
     path = tmp_path / "evil.pkl"
     with open(path, "wb") as f:
         pickle.dump({"clip_embedding": torch.zeros(1, 4), "captions": [_Boom()]}, f)
