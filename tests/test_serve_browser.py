@@ -91,6 +91,8 @@ def set_max_new_tokens(tab, value: int) -> None:
     box = tab.get_by_label("number input for Max new tokens")
     box.fill(str(value))
     box.press("Enter")
+    box.press("Tab")  # the slider commits its value on blur too; wait until the range input shows it
+    playwright_api.expect(tab.get_by_label("range slider for Max new tokens")).to_have_value(str(value))
 
 
 def clear_photos(tab) -> None:
