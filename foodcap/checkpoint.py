@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .language import GPT2_HEAD_SIZE, TINY_GPT2_CONFIG, gpt2_rebuildable, load_language_model
+from .language import GPT2_HEAD_SIZE, KNOWN_GPT2, TINY_GPT2, TINY_GPT2_CONFIG, gpt2_rebuildable, load_language_model
 from .model import ClipCaptionModel, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,10 @@ WEIGHTS_NAME = "model.safetensors"
 # CLIP widths of the encoders ClipCap users trained on; used only when a .pt does not say.
 WIDTH_TO_ENCODER = {512: "ViT-B/32", 640: "RN50x4", 768: "ViT-L/14", 1024: "RN50x64"}
 # GPT-2 by embedding width, for mapper-only state dicts (no `gpt.*` tensors to read the size from).
-WIDTH_TO_GPT2 = {768: "gpt2", 1024: "gpt2-medium", 1280: "gpt2-large", 1600: "gpt2-xl", TINY_GPT2_CONFIG["n_embd"]: "tiny"}
+# Read from language.KNOWN_GPT2; the first name of each width wins (gpt2, not distilgpt2, for 768).
+WIDTH_TO_GPT2: dict[int, str] = {TINY_GPT2_CONFIG["n_embd"]: TINY_GPT2}
+for _name, (_width, _, _) in KNOWN_GPT2.items():
+    WIDTH_TO_GPT2.setdefault(_width, _name)
 # Buffers that older transformers versions stored in GPT-2 state dicts and newer ones no longer have.
 _LEGACY_GPT2_BUFFERS = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
