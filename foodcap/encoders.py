@@ -20,7 +20,9 @@ Names understood by `load_encoder` (and `--clip_model_type`):
   `tiny:/path/weights.pt` is the tiny architecture with weights from a file.
 * `random:<architecture>`, e.g. `random:RN50x4`: the real architecture with seeded random weights (benchmarks).
 
-Embeddings are returned unnormalised, as ClipCap stored them. On CUDA the model runs in fp16.
+Embeddings are returned unnormalised, as ClipCap stored them. By default the model runs in fp16 on CUDA and
+in fp32 elsewhere; `precision=` picks fp32, bf16, fp16 or auto (see foodcap/encoder_tuning.py). The BatchNorms
+of ResNet towers are folded into their convolutions when the encoder is built (same function, less work).
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class ImageEncoder:
     preprocess_config: dict  # size, mean, std, interpolation, resize_mode
     device: torch.device
     architecture: str = ""  # open_clip architecture name, or "tiny"
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (half weights, CUDA); see encoder_tuning
     transform: object = field(default=None, repr=False)  # PIL -> tensor; picklable, for DataLoader workers
     _tokenizer: object = field(default=None, repr=False)
 
@@ -104,7 +107,7 @@ class ImageEncoder:
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, D) float32 unnormalised image embeddings."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)  # (B, 3, H, W)
             if self.device.type in ("cpu", "cuda"):
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -117,22 +120,38 @@ class ImageEncoder:
         if self._tokenizer is None:
             arch = "ViT-B-32" if self.architecture == TINY else self.architecture
             self._tokenizer = open_clip.get_tokenizer(arch)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             tokens = self._tokenizer(list(texts)).to(self.device)  # (B, T)
             return self.model.encode_text(tokens).float()  # (B, D)
 
+    def _autocast(self):
+        import contextlib
 
-_CACHE: dict[tuple[str, str], ImageEncoder] = {}
+        from .encoder_tuning import autocast_dtype
+
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+_CACHE: dict[tuple, ImageEncoder] = {}
 _LOCK = threading.Lock()
 
 
-def load_encoder(name: str, device: str | torch.device = "cpu") -> ImageEncoder:
-    """Build (once per name and device) the encoder called `name`; see the module docstring for names."""
+def load_encoder(name: str, device: str | torch.device = "cpu", precision: Optional[str] = None,
+                 fold_norms: bool = True) -> ImageEncoder:
+    """Build (once per name, device and precision) the encoder called `name`; see the module docstring.
+
+    precision: None (fp16 on CUDA, fp32 elsewhere), or 'auto', 'fp32', 'bf16', 'fp16' (encoder_tuning).
+    fold_norms=False keeps the BatchNorm layers of ResNet towers (the module exactly as open_clip builds it).
+    """
+    from .encoder_tuning import resolve_precision
+
     device = resolve_device(device)
-    key = (name, str(device))
+    precision = resolve_precision(precision, device)
+    key = (name, str(device), precision) if fold_norms else (name, str(device), precision, "unfolded")
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _build(name, device)
+            _CACHE[key] = _build(name, device, precision, fold_norms)
         return _CACHE[key]
 
 
@@ -174,7 +193,9 @@ def _open_clip_config(arch: str) -> Optional[dict]:
     return get_model_config(arch) if arch in open_clip.list_models() else None
 
 
-def _build(name: str, device: torch.device) -> ImageEncoder:
+def _build(name: str, device: torch.device, precision: str = "fp32", fold_norms: bool = True) -> ImageEncoder:
+    from .encoder_tuning import fold_batch_norms
+
     if name == TINY:
         model, arch, preprocess = _build_tiny(), TINY, None
     elif name.startswith(RANDOM_PREFIX):
@@ -188,19 +209,20 @@ def _build(name: str, device: torch.device) -> ImageEncoder:
     if preprocess is None:
         preprocess = _preprocess_config(model)
     embed_dim = _embed_dim(model)  # on CPU in fp32, before any device move or fp16 conversion
+    folded = fold_batch_norms(model.visual) if fold_norms else 0  # in fp32, before any fp16 conversion
     model = model.to(device)
     if device.type in ("cpu", "cuda"):
         # NHWC convolutions are markedly faster in oneDNN / cuDNN, mostly for the ResNet towers.
         model.visual.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
+    if precision == "fp16":
         from open_clip.model import convert_weights_to_lp
 
         # As OpenAI's clip.load and open_clip's precision="fp16": matmul/conv weights in fp16, norms in fp32.
         convert_weights_to_lp(model, dtype=torch.float16)
-    log.info("CLIP encoder %s (%s): %d-d embeddings, %s px input, on %s", name, arch, embed_dim,
-             preprocess["size"], device)
+    log.info("CLIP encoder %s (%s): %d-d embeddings, %s px input, on %s in %s%s", name, arch, embed_dim,
+             preprocess["size"], device, precision, f", {folded} BatchNorms folded" if folded else "")
     return ImageEncoder(name=name, model=model, embed_dim=embed_dim, preprocess_config=preprocess,
-                        device=device, architecture=arch)
+                        device=device, architecture=arch, precision=precision)
 
 
 def _seeded(build):

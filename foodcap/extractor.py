@@ -2,12 +2,13 @@
 
     foodcap extract --clip_model_type RN50x4 --data_path ./food     # the CLI over this module
 
-Images are decoded and preprocessed in DataLoader workers; the encoder runs batches under inference_mode
-(fp16 on CUDA). Bad files are skipped with their reason. Progress is kept as chunk files under a parts
-folder, `<parts>/shard-<i>-of-<N>/chunk-<first batch>.safetensors` (each holds the embeddings of a run of
-whole batches, written atomically), so an interrupted run resumes at the first batch not on disk and ends
-with the same store, bit for bit, as an uninterrupted one. Shard i of N owns a contiguous range of the
-plan's batches; `merge_parts` joins all shards' chunks into per-split FeatureStores.
+Images are decoded and preprocessed in DataLoader workers; the encoder runs batches under inference_mode at
+its precision, which every chunk records (a resume never mixes precisions). Bad files are skipped with their
+reason. Progress is kept as chunk files under a parts folder,
+`<parts>/shard-<i>-of-<N>/chunk-<first batch>.safetensors` (each holds the embeddings of a run of whole
+batches, written atomically), so an interrupted run resumes at the first batch not on disk and ends with the
+same store, bit for bit, as an uninterrupted one. Shard i of N owns a contiguous range of the plan's
+batches; `merge_parts` joins all shards' chunks into per-split FeatureStores.
 """
 from __future__ import annotations
 
@@ -98,10 +99,11 @@ def run_shard(plan: ExtractionPlan, encoder, parts_dir: Path, *, batch_size: int
     batches = batch_ranges(len(plan.images), batch_size)
     mine = shard_batches(len(batches), shard_index, num_shards)
     fingerprint = plan.fingerprint(encoder.name, batch_size)
-    info = json.dumps({"clip_model": encoder.name, "clip_dim": encoder.embed_dim,
+    precision = getattr(encoder, "precision", "fp32")
+    info = json.dumps({"clip_model": encoder.name, "clip_dim": encoder.embed_dim, "precision": precision,
                        "image_size": encoder.image_size, "preprocess": encoder.preprocess_config})
     folder = shard_dir(parts_dir, shard_index, num_shards)
-    done_until = _resume_point(folder, fingerprint, mine.start) if resume else mine.start
+    done_until = _resume_point(folder, fingerprint, mine.start, precision) if resume else mine.start
     if not resume and folder.exists():
         shutil.rmtree(folder)
     result = ShardResult(shard_index, num_shards, len(mine), resumed_batches=done_until - mine.start)
@@ -174,15 +176,22 @@ def _read_chunks(folder: Path):
             yield path, meta, f.get_tensor("embeddings"), f.get_tensor("indices")
 
 
-def _resume_point(folder: Path, fingerprint: str, start: int) -> int:
+def _chunk_precision(meta: dict) -> str:
+    return json.loads(meta.get("encoder") or "{}").get("precision", "unknown")
+
+
+def _resume_point(folder: Path, fingerprint: str, start: int, precision: str = "fp32") -> int:
     """First batch not yet on disk; stale parts from a different command are removed."""
     if not folder.is_dir():
         return start
     end = start
     for path, meta, _, _ in _read_chunks(folder):
-        if meta.get("fingerprint") != fingerprint:
-            log.warning("%s holds parts of a different extraction (images, encoder or batch size changed); "
-                        "starting this shard afresh", folder)
+        stale = meta.get("fingerprint") != fingerprint or _chunk_precision(meta) != precision
+        if stale:
+            # a different precision (or a run from before precisions were recorded) would leave a store that no
+            # uninterrupted run gives
+            log.warning("%s holds parts of a different extraction (images, encoder, precision or batch size "
+                        "changed); starting this shard afresh", folder)
             shutil.rmtree(folder)
             return start
         if int(meta["first_batch"]) != end:
@@ -206,6 +215,11 @@ def merge_parts(plan: ExtractionPlan, parts_dir: Path, *, encoder_name: str, bat
             if meta.get("fingerprint") != fingerprint:
                 raise ExtractionError(f"{path}: made with different images, encoder or batch size; rerun shard "
                                       f"{shard} with the same command")
+            precision = _chunk_precision(meta)
+            if precision != merged.encoder.get("precision", precision):
+                raise ExtractionError(f"{path}: encoded in {precision}, other parts in "
+                                      f"{merged.encoder['precision']}; rerun shard {shard} with --precision "
+                                      f"{merged.encoder['precision']}")
             end = int(meta["end_batch"])
             merged.rows.update(zip(idx.tolist(), emb.unbind(0)))
             merged.bad.update({i: (reason, detail) for i, reason, detail in json.loads(meta["bad"])})

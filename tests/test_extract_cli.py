@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from foodcap.commands.extract import main, output_prefix
+from foodcap.encoder_tuning import resolve_precision
 from foodcap.encoders import load_encoder
 from foodcap.features import load_features
 
@@ -64,8 +65,10 @@ def test_outputs_layout_and_metadata(coco_like, tmp_path):
         assert store.meta["clip_model"] == "tiny" and store.clip_dim == 64 and store.split == split
     images = {s: {c["image_path"] for c in st.captions} for s, st in stores.items()}
     assert not images["train"] & images["test"]
-    # each caption's row is its own image's embedding, recomputed independently here
-    enc = load_encoder("tiny")
+    # each caption's row is its own image's embedding, recomputed independently here at the recorded precision
+    # (`--precision auto`: bf16 on a CPU with AMX, else fp32)
+    assert train.meta["clip_precision"] == resolve_precision("auto", "cpu")
+    enc = load_encoder("tiny", precision=train.meta["clip_precision"])
     from foodcap.images import load_image
 
     for cap in test.captions:
@@ -73,11 +76,12 @@ def test_outputs_layout_and_metadata(coco_like, tmp_path):
         assert torch.allclose(test.embeddings[cap["clip_embedding"]], own, atol=1e-5)
     report = json.loads((tmp_path / "out" / "tiny_RN_report.json").read_text())
     assert report["counts"]["images"] == N_IMAGES and report["skipped"] == []
+    assert report["clip_precision"] == train.meta["clip_precision"]
     assert not (tmp_path / "out" / "tiny_RN_parts").exists()
 
 
 def test_each_image_encoded_once(coco_like, tmp_path, monkeypatch):
-    enc = load_encoder("tiny")
+    enc = load_encoder("tiny", precision="auto")  # the instance the CLI's default --precision auto gets
     calls = []
     original = enc.encode_images
     monkeypatch.setattr(enc, "encode_images", lambda pixels: calls.append(len(pixels)) or original(pixels))
@@ -160,7 +164,7 @@ def test_killed_process_resumes_with_the_same_command(coco_like, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         from foodcap.encoders import load_encoder
-        enc = load_encoder("tiny"); original = enc.encode_images; seen = []
+        enc = load_encoder("tiny", precision="auto"); original = enc.encode_images; seen = []
         def encode(pixels):
             if len(seen) == 2:
                 os._exit(9)
