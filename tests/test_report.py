@@ -155,3 +155,6 @@ def test_evaluate_cli_decoding_flags_and_images_folder(tmp_path, tiny_model_fact
     # bad decoding options are refused before the (here missing) checkpoint is opened
     assert main(["--load_pt", str(tmp_path / "nope"), "--data", str(data), "--beam", "--beam_size", "0"]) == 2
     assert "num_beams" in capsys.readouterr().err
+    # a checkpoint that cannot be loaded is an input error, exit 2 as in predict, and the message names it
+    assert main(["--load_pt", str(tmp_path / "nope"), "--data", str(data), "--out_dir", str(tmp_path / "e2")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "e2" / "metrics.json").exists()

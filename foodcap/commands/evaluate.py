@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verbose:
             raise
         print(f"foodcap evaluate: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # as predict: 2 = the inputs could not be used, nothing was written
     print(json.dumps(result["metrics"], indent=2))
     for name, reason in result["skipped"].items():
         print(f"not computed: {name}: {reason}", file=sys.stderr)
