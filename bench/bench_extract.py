@@ -3,6 +3,7 @@
     python bench/bench_extract.py            # 16 real photos x 5 captions, random-weight RN50x4 (~2 min on 2 CPU cores)
     python bench/bench_extract.py --quick    # 2 photos, for a smoke run
     python bench/bench_extract.py --images 32 --device cuda
+    python bench/bench_extract.py --megapixels 12   # phone-size photos: decoding matters too
 
 The naive baseline is written here as the ClipCap / food-fork scripts do it: for every caption row, read the
 image, preprocess it, encode it alone under no_grad with the model as `clip.load` gives it (fp32 on a CPU,
@@ -29,11 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "tests" / "data" / "images").glob("*.jpg"))
 
 
-def make_set(root: Path, n_images: int, per_image: int) -> Path:
-    """n real photos (the bundled ones, cycled under new names) with `per_image` captions each, COCO-like."""
+def make_set(root: Path, n_images: int, per_image: int, megapixels: float = 0) -> Path:
+    """n real photos (the bundled ones, cycled under new names) with `per_image` captions each, COCO-like;
+    with `megapixels`, each is resized to about that many pixels first (phone photos are ~12 MP)."""
+    from PIL import Image
+
     (root / "images").mkdir(parents=True)
     for i in range(n_images):
-        shutil.copy(PHOTOS[i % len(PHOTOS)], root / "images" / f"{i:06d}.jpg")
+        target = root / "images" / f"{i:06d}.jpg"
+        if megapixels:
+            photo = Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB")
+            scale = (megapixels * 1e6 / (photo.width * photo.height)) ** 0.5
+            photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC).save(target, quality=92)
+        else:
+            shutil.copy(PHOTOS[i % len(PHOTOS)], target)
     with open(root / "captions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
@@ -81,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="random:RN50x4", help="encoder name (random weights need no download)")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--captions_per_image", type=int, default=5)
+    p.add_argument("--megapixels", type=float, default=0, help="resize the photos to this size (default: as "
+                   "bundled, 0.2-1.7 MP; 12 = a phone camera)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: as foodcap extract)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="foodcap's precision (default auto)")
@@ -102,7 +114,7 @@ def main(argv=None) -> int:
           f"foodcap at {', '.join(e.precision for e in ours.values())}, {workers} decode workers")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        caption_file = make_set(Path(tmp) / "set", n_images, args.captions_per_image)
+        caption_file = make_set(Path(tmp) / "set", n_images, args.captions_per_image, args.megapixels)
         n_captions = n_images * args.captions_per_image
         for enc in (naive_encoder, *ours.values()):  # warm-up (first-call allocations) so no side pays it
             enc.encode_images(torch.zeros(1, 3, enc.image_size, enc.image_size))

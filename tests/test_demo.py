@@ -97,7 +97,7 @@ def test_evaluate_cli_on_the_demo_checkpoint(demo, tmp_path, capsys):
     assert all(f"data-image-id='{im['image_id']}'" in html for im in result["images"])
     assert "CIDEr" in capsys.readouterr().out
     assert main(["--load_pt", str(tmp_path / "missing"), "--data", str(out / "features" / "synthetic_test.pkl"),
-                 "--out_dir", str(tmp_path / "x")]) == 1
+                 "--out_dir", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

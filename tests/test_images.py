@@ -92,3 +92,40 @@ def test_each_bad_file_kind_has_its_reason(tmp_path):
     with pytest.raises(BadImageError) as info:
         load_image(tmp_path)
     assert info.value.reason == "not an image"
+
+
+def test_min_side_decodes_a_large_jpeg_at_reduced_scale(tmp_path):
+    photo = Image.open(IMAGES / "inf1.jpg").convert("RGB").resize((1224, 814))  # (W, H)
+    jpeg = _save(photo, tmp_path / "big.jpg", quality=92)
+    full, reduced = load_image(jpeg), load_image(jpeg, min_side=200)
+    assert full.size == (1224, 814) and reduced.size == (306, 204)  # 1/4 scale: both sides still >= 200
+    assert load_image(jpeg, min_side=400).size == (612, 407)  # 1/2 is the most that keeps >= 400
+    assert load_image(jpeg, min_side=900).size == (1224, 814)  # too small to reduce
+    png = _save(photo, tmp_path / "big.png")
+    assert load_image(png, min_side=200).size == (1224, 814)  # only JPEG has DCT scaling
+
+
+def test_reduced_decode_gives_clip_the_same_pixels():
+    import open_clip
+
+    # a real 1300 x 1276 photo decoded at 1/4 scale keeps 2x the 150 px input; after CLIP's resize + crop the
+    # two decodes differ by about a quarter of a grey level on average
+    photo = IMAGES / "CONCEPTUAL_01.jpg"
+    transform = open_clip.image_transform(150, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    reduced = load_image(photo, min_side=300)
+    assert reduced.size == (325, 319)
+    diff = (transform(load_image(photo)) - transform(reduced)).abs() * 255  # (3, 150, 150) in grey levels
+    assert 0 < diff.mean() < 0.5 and diff.max() < 16
+
+
+def test_min_side_keeps_orientation_and_the_pixel_limit(tmp_path):
+    arr = np.zeros((400, 800, 3), np.uint8)
+    arr[:, :400] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW: upright it is 400 x 800, red on top
+    path = _save(Image.fromarray(arr), tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    img = load_image(path, min_side=100)
+    assert img.size == (100, 200) and np.asarray(img)[10, 50][0] > 200
+    with pytest.raises(BadImageError) as err:
+        load_image(path, max_pixels=800 * 400 - 1, min_side=100)  # checked on the full size, before decoding
+    assert err.value.reason == "too large"

@@ -1,5 +1,6 @@
-"""BatchNorm folding and precision choice of the CLIP image tower, and how extraction records and resumes them.
-    pytest -q tests/test_encoder_tuning.py
+"""What extraction trades for speed: BatchNorm folding, precision, reduced-scale JPEG decoding; how each is
+recorded, resumed and merged.
+    pytest -q tests/test_extraction_numerics.py
 """
 from __future__ import annotations
 
@@ -118,3 +119,52 @@ def test_shards_at_different_precisions_are_not_merged(coco_like, tmp_path):  # 
     run_shard(plan, load_encoder("tiny", precision="bf16"), tmp_path, batch_size=2, shard_index=1, num_shards=2)
     with pytest.raises(ExtractionError, match="--precision fp32"):
         merge_parts(plan, tmp_path, encoder_name="tiny", batch_size=2, num_shards=2)
+
+
+@pytest.fixture
+def large_jpegs(tmp_path):
+    """Four real photos at 1224 x 814 (tiny's 64 px input lets them decode at 1/4 scale) with two captions each."""
+    from PIL import Image
+
+    from conftest import IMAGES
+
+    root = tmp_path / "large"
+    (root / "images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for i, photo in enumerate(sorted(IMAGES.glob("*.jpg"))[:4]):
+        Image.open(photo).convert("RGB").resize((1224, 814)).save(root / "images" / f"{i}.jpg", quality=90)
+        lines += [f"{i}.jpg,dish {i} seen one way", f"{i}.jpg,dish {i} seen another way"]
+    (root / "captions.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_fast_jpeg_is_recorded_and_close_to_a_full_decode(large_jpegs, tmp_path):
+    from foodcap.commands.extract import main
+    from foodcap.features import load_features
+    from foodcap.images import load_image
+
+    common = ["--clip_model_type", "tiny", "--data_path", str(large_jpegs), "--test_size", "0", "--precision", "fp32"]
+    assert main(common + ["--out_dir", str(tmp_path / "fast")]) == 0
+    assert main(common + ["--out_dir", str(tmp_path / "full"), "--no-fast_jpeg"]) == 0
+    fast = load_features(tmp_path / "fast" / "tiny_RN_train.pkl")
+    full = load_features(tmp_path / "full" / "tiny_RN_train.pkl")
+    assert fast.meta["fast_jpeg"] is True and full.meta["fast_jpeg"] is False
+    assert not torch.equal(fast.embeddings, full.embeddings)  # the reduced decode did happen
+    assert torch.nn.functional.cosine_similarity(fast.embeddings, full.embeddings).min() > 0.999
+    enc = load_encoder("tiny", precision="fp32")
+    for cap in fast.captions:  # each row is exactly its image decoded at the reduced scale
+        pixels = enc.preprocess(load_image(cap["image_path"], min_side=2 * enc.image_size))[None]
+        assert torch.allclose(fast.embeddings[cap["clip_embedding"]], enc.encode_images(pixels)[0], atol=1e-5)
+
+
+def test_resume_or_merge_across_jpeg_decoding_is_refused(large_jpegs, tmp_path):
+    from foodcap.extractor import ExtractionError, merge_parts, run_shard
+
+    plan, enc = _plan(large_jpegs), load_encoder("tiny", precision="fp32")
+    run_shard(plan, enc, tmp_path / "a", batch_size=1, fast_jpeg=False, save_every=1)
+    again = run_shard(plan, enc, tmp_path / "a", batch_size=1, fast_jpeg=True)
+    assert again.resumed_batches == 0 and again.encoded == 4  # the full-decode parts were not reused
+    run_shard(plan, enc, tmp_path / "b", batch_size=1, shard_index=0, num_shards=2, fast_jpeg=True)
+    run_shard(plan, enc, tmp_path / "b", batch_size=1, shard_index=1, num_shards=2, fast_jpeg=False)
+    with pytest.raises(ExtractionError, match="--fast_jpeg"):
+        merge_parts(plan, tmp_path / "b", encoder_name="tiny", batch_size=1, num_shards=2)
