@@ -66,7 +66,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: Opti
         width, height = image.size
         if width * height > max_pixels:
             raise BadImageError(label, TOO_LARGE, f"{width}x{height} pixels is over the {max_pixels} pixel limit")
-        if min_side and image.format == "JPEG":
+        if min_side and image.format in ("JPEG", "MPO"):  # phone cameras often write MPO: JPEG + depth/preview
             image.draft(None, (min_side, min_side))  # scale only; the mode is converted by to_rgb as always
         try:
             image.load()

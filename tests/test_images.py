@@ -103,6 +103,8 @@ def test_min_side_decodes_a_large_jpeg_at_reduced_scale(tmp_path):
     assert load_image(jpeg, min_side=900).size == (1224, 814)  # too small to reduce
     png = _save(photo, tmp_path / "big.png")
     assert load_image(png, min_side=200).size == (1224, 814)  # only JPEG has DCT scaling
+    mpo = _save(photo, tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo])
+    assert Image.open(mpo).format == "MPO" and load_image(mpo, min_side=200).size == (306, 204)  # phone photos
 
 
 def test_reduced_decode_gives_clip_the_same_pixels():
