@@ -214,6 +214,7 @@ def merge_parts(plan: ExtractionPlan, parts_dir: Path, *, encoder_name: str, bat
     fingerprint = plan.fingerprint(encoder_name, batch_size)
     num_batches = len(batch_ranges(len(plan.images), batch_size))
     merged = Merged(rows={})
+    shard_numerics: dict[int, dict] = {}
     for shard in range(num_shards):
         folder = shard_dir(parts_dir, shard, num_shards)
         expect = shard_batches(num_batches, shard, num_shards)
@@ -222,15 +223,7 @@ def merge_parts(plan: ExtractionPlan, parts_dir: Path, *, encoder_name: str, bat
             if meta.get("fingerprint") != fingerprint:
                 raise ExtractionError(f"{path}: made with different images, encoder or batch size; rerun shard "
                                       f"{shard} with the same command")
-            numerics, before = _chunk_numerics(meta), merged.encoder
-            if before and numerics["precision"] != before.get("precision", "unknown"):
-                raise ExtractionError(f"{path}: encoded in {numerics['precision']}, other parts in "
-                                      f"{before.get('precision')}; rerun shard {shard} with --precision "
-                                      f"{before.get('precision')}")
-            if before and numerics["fast_jpeg"] != before.get("fast_jpeg", "unknown"):
-                flag = "--fast_jpeg" if before.get("fast_jpeg") is True else "--no-fast_jpeg"
-                raise ExtractionError(f"{path}: JPEG decoding differs from the other parts; rerun shard {shard} "
-                                      f"with {flag}")
+            shard_numerics.setdefault(shard, _chunk_numerics(meta))  # a shard's chunks agree (see _resume_point)
             end = int(meta["end_batch"])
             merged.rows.update(zip(idx.tolist(), emb.unbind(0)))
             merged.bad.update({i: (reason, detail) for i, reason, detail in json.loads(meta["bad"])})
@@ -238,7 +231,19 @@ def merge_parts(plan: ExtractionPlan, parts_dir: Path, *, encoder_name: str, bat
         if end != expect.stop:
             raise ExtractionError(f"shard {shard} of {num_shards} is incomplete ({end - expect.start} of "
                                   f"{len(expect)} batches in {folder}); run it with --shard_index {shard} first")
+    if len({json.dumps(n, sort_keys=True) for n in shard_numerics.values()}) > 1:
+        # e.g. `--precision auto` on machines with and without AMX; rerunning every shard with explicit flags
+        # re-encodes only the shards that differ (the others' parts are kept and found complete)
+        listing = "; ".join(f"shard {i}: {_describe(n)}" for i, n in sorted(shard_numerics.items()))
+        raise ExtractionError(f"{parts_dir}: shards were encoded differently ({listing}); rerun every shard with "
+                              f"the same explicit --precision and --fast_jpeg/--no-fast_jpeg, then --merge")
     return merged
+
+
+def _describe(numerics: dict) -> str:
+    if "unknown" in numerics.values():
+        return "made by an older foodcap that did not record its precision"
+    return f"{numerics['precision']}, {'fast' if numerics['fast_jpeg'] else 'full'} JPEG decoding"
 
 
 def build_stores(plan: ExtractionPlan, merged: Merged, meta: dict, dim: int) -> dict[str, FeatureStore]:

@@ -41,6 +41,7 @@ def coco_like(tmp_path):
 
 def _run(data, out, *extra):
     argv = ["--clip_model_type", "tiny", "--data_path", str(data), "--out_dir", str(out), "--num_workers", "0",
+            "--device", "cpu",  # the encoder instances the tests compare with (and patch) are the CPU ones
             "--batch_size", "4", *extra]
     assert main(argv) == 0
     return {p.stem.rsplit("_", 1)[-1]: load_features(p) for p in sorted(out.glob("tiny_RN_*.pkl"))}
@@ -172,7 +173,7 @@ def test_killed_process_resumes_with_the_same_command(coco_like, tmp_path):
             return original(pixels)
         enc.encode_images = encode
         from foodcap.commands.extract import main
-        sys.exit(main({["--clip_model_type", "tiny", "--out_dir", str(out_cut), "--num_workers", "0",
+        sys.exit(main({["--clip_model_type", "tiny", "--out_dir", str(out_cut), "--num_workers", "0", "--device", "cpu",
                         "--batch_size", "4", *args]!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)

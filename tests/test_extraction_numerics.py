@@ -37,7 +37,7 @@ def test_folding_keeps_the_resnet_function():
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_built_resnet_encoder_is_folded_and_vit_untouched():
+def test_built_resnet_encoder_has_no_batchnorm_and_vit_is_untouched():
     folded, plain = load_encoder("random:RN50"), load_encoder("random:RN50", fold_norms=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.visual.modules())
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))  # (B, 3, H, W)
@@ -62,7 +62,7 @@ def test_precision_resolution(monkeypatch):
         resolve_precision("int8", "cpu")
 
 
-def test_bf16_embeddings_are_close_to_fp32_and_batch_invariant():
+def test_bf16_embeddings_are_close_to_fp32_and_batch_stable():
     fp32, bf16 = load_encoder("tiny", precision="fp32"), load_encoder("tiny", precision="bf16")
     assert bf16 is not fp32 and bf16.precision == "bf16" and load_encoder("tiny") is fp32
     pixels = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # (B, 3, H, W)
@@ -117,8 +117,37 @@ def test_shards_at_different_precisions_are_not_merged(coco_like, tmp_path):  # 
     plan = _plan(coco_like)
     run_shard(plan, load_encoder("tiny", precision="fp32"), tmp_path, batch_size=2, shard_index=0, num_shards=2)
     run_shard(plan, load_encoder("tiny", precision="bf16"), tmp_path, batch_size=2, shard_index=1, num_shards=2)
-    with pytest.raises(ExtractionError, match="--precision fp32"):
+    with pytest.raises(ExtractionError, match="shard 0: fp32, fast JPEG decoding; shard 1: bf16, fast"):
         merge_parts(plan, tmp_path, encoder_name="tiny", batch_size=2, num_shards=2)
+
+
+def test_shards_from_an_older_version_are_named_and_the_advice_works(coco_like, tmp_path):  # noqa: F811
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from foodcap.extractor import ExtractionError, merge_parts, run_shard, shard_dir
+
+    plan, enc = _plan(coco_like), load_encoder("tiny", precision="fp32")
+    for shard in (0, 1):
+        run_shard(plan, enc, tmp_path, batch_size=2, shard_index=shard, num_shards=2)
+    merge_parts(plan, tmp_path, encoder_name="tiny", batch_size=2, num_shards=2)  # consistent: fine
+    for chunk in shard_dir(tmp_path, 1, 2).glob("chunk-*.safetensors"):  # as the version before this one wrote
+        from safetensors import safe_open
+
+        with safe_open(str(chunk), framework="pt") as f:
+            meta = f.metadata()
+        info = json.loads(meta["encoder"])
+        del info["precision"], info["fast_jpeg"]
+        save_file(load_file(str(chunk)), str(chunk), metadata={**meta, "encoder": json.dumps(info)})
+    with pytest.raises(ExtractionError, match="shard 1: made by an older foodcap") as err:
+        merge_parts(plan, tmp_path, encoder_name="tiny", batch_size=2, num_shards=2)
+    assert "rerun every shard with the same explicit --precision" in str(err.value)
+    # the advice: rerun every shard with the same flags; shard 0 is complete, shard 1 is encoded afresh
+    assert run_shard(plan, enc, tmp_path, batch_size=2, shard_index=0, num_shards=2).encoded == 0
+    assert run_shard(plan, enc, tmp_path, batch_size=2, shard_index=1, num_shards=2).resumed_batches == 0
+    merged = merge_parts(plan, tmp_path, encoder_name="tiny", batch_size=2, num_shards=2)
+    assert len(merged.rows) == len(plan.images)
 
 
 @pytest.fixture
@@ -166,5 +195,5 @@ def test_resume_or_merge_across_jpeg_decoding_is_refused(large_jpegs, tmp_path):
     assert again.resumed_batches == 0 and again.encoded == 4  # the full-decode parts were not reused
     run_shard(plan, enc, tmp_path / "b", batch_size=1, shard_index=0, num_shards=2, fast_jpeg=True)
     run_shard(plan, enc, tmp_path / "b", batch_size=1, shard_index=1, num_shards=2, fast_jpeg=False)
-    with pytest.raises(ExtractionError, match="--fast_jpeg"):
+    with pytest.raises(ExtractionError, match="shard 0: fp32, fast JPEG decoding; shard 1: fp32, full JPEG"):
         merge_parts(plan, tmp_path / "b", encoder_name="tiny", batch_size=1, num_shards=2)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode JPEGs at the smallest DCT scale keeping 2x the encoder's input size (default on: "
                    "~3x faster on 12 MP photos, embeddings move ~1e-4 of their scale); --no-fast_jpeg: full size")
     g.add_argument("--num_workers", type=int, default=None, help="image-decoding worker processes (default: half "
-                   "the CPU cores, at most 8, on a GPU; on a CPU none up to 4 cores, else cores/8)")
+                   "the CPU cores, at most 8, on a GPU; on a CPU none up to 4 cores, else cores/8, at most 4)")
     g = p.add_argument_group("output")
     g.add_argument("--out_dir", default=".", help="where the stores go (default: the current folder)")
     g.add_argument("--output_prefix", default=None, help="file name prefix (default: <clip model>_RN, as the seed)")
@@ -178,6 +178,9 @@ def _run(args) -> int:
         from ..encoders import load_encoder
 
         encoder = load_encoder(args.clip_model_type, device=args.device, precision=args.precision)
+        if args.num_shards > 1 and args.precision == "auto" and encoder.device.type == "cpu":
+            log.warning("--precision auto gave %s on this CPU; shards run on CPUs with and without AMX would get "
+                        "bf16 and fp32 and could not be merged: pass --precision explicitly", encoder.precision)
         workers = args.num_workers if args.num_workers is not None else _default_workers(encoder.device.type)
         log.info("encoding on %s in %s with %d decoding workers", encoder.device, encoder.precision, workers)
         shard = run_shard(plan, encoder, parts, batch_size=args.batch_size, num_workers=workers,
