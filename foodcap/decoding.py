@@ -240,8 +240,10 @@ def encode_pil_images(encoder, images: Sequence[Any], batch_size: int = DEFAULT_
 
 
 def caption_images(captioner, images: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                   **decoding: Any):
+                   fast_jpeg: bool = True, **decoding: Any):
     """Image paths / bytes / PIL images -> one caption each (a list each with num_return_sequences > 1).
+
+    fast_jpeg: JPEG files decode at the smallest DCT scale keeping twice CLIP's input size, as extraction does.
 
     A single image gives a single result. A bad image raises foodcap.images.BadImageError naming it;
     the CLI instead skips and reports bad files.
@@ -256,6 +258,8 @@ def caption_images(captioner, images: Any, *, batch_size: int = DEFAULT_BATCH_SI
     encoder = captioner.encoder  # checks the encoder width against the checkpoint first
     results: list = []
     for chunk in _chunks(len(items), max(1, batch_size)):
-        embeddings = encode_pil_images(encoder, [load_image(item) for item in items[chunk]], batch_size)
+        min_side = 2 * encoder.image_size if fast_jpeg else None
+        embeddings = encode_pil_images(encoder, [load_image(item, min_side=min_side) for item in items[chunk]],
+                                       batch_size)
         results += caption_embeddings(captioner, embeddings, batch_size=batch_size, progress=False, **decoding)
     return results[0] if single else results

@@ -196,3 +196,24 @@ def test_unwritable_out_is_a_clear_error_after_the_captions(checkpoint, tmp_path
                            "--out", blocker / "captions.json")
     assert code == 2 and [line[0] for line in lines] == [INF[0]]
     assert "--out" in err and "captions.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [None, "--no-fast_jpeg"])
+def test_large_jpegs_reach_clip_as_extraction_decodes_them(checkpoint, tmp_path, capsys, monkeypatch, flag):
+    from PIL import Image
+
+    from foodcap.encoders import load_encoder
+    from foodcap.images import load_image
+
+    photo = tmp_path / "big.jpg"
+    Image.open(INF[0]).convert("RGB").resize((1224, 814)).save(photo, quality=90)
+    encoder = load_encoder("tiny", device="cpu")  # the instance predict's captioner uses (cached)
+    seen = []
+    original = encoder.encode_images
+    monkeypatch.setattr(encoder, "encode_images", lambda pixels: seen.append(pixels) or original(pixels))
+    code, lines, err = run(capsys, "--load_pt", checkpoint, "--img", photo, "--greedy", "--max_length", "3",
+                           "--device", "cpu", *([flag] if flag else []))
+    assert code == 0, err
+    min_side = None if flag else 2 * encoder.image_size  # default: reduced scale, as parse_food.py
+    assert load_image(photo, min_side=min_side).size == ((1224, 814) if flag else (306, 204))
+    assert torch.equal(seen[0][0], encoder.preprocess(load_image(photo, min_side=min_side)))

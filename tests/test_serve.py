@@ -288,3 +288,20 @@ def test_cli_takes_predicts_clip_flag_and_the_short_one():
 
     for flag in ("--clip_model_type", "--clip_model"):
         assert build_parser().parse_args(["--load_pt", "ckpt", flag, "RN50x4"]).clip_model == "RN50x4"
+
+
+@pytest.mark.parametrize("fast_jpeg", [True, False])
+def test_uploaded_jpegs_decode_as_extraction_decodes_them(reference, tmp_path, fast_jpeg):
+    from PIL import Image
+
+    from foodcap.serve import CaptionService
+
+    photo = tmp_path / "phone.jpg"
+    Image.open(PHOTOS[0]).convert("RGB").resize((1224, 814)).save(photo, quality=90)
+    service = CaptionService(reference, ServeConfig(fast_jpeg=fast_jpeg))
+    try:
+        _paths, _names, images, _options = service.prepare([str(photo)], "greedy", 1.0, 0.9, 5, 1, 0, 5)
+    finally:
+        service.close()
+    # tiny CLIP takes 64 px: the default keeps >= 128 px per side, i.e. 1/4 scale; --no-fast_jpeg the full photo
+    assert images[0].size == ((306, 204) if fast_jpeg else (1224, 814))

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2-normalise CLIP embeddings before the mapper (default: as recorded in the checkpoint; "
                    "ClipCap's transformer notebook did, its training command did not)")
     g.add_argument("--batch_size", type=int, default=32, help="images per batch")
+    g.add_argument("--fast_jpeg", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode JPEGs at the smallest DCT scale keeping 2x CLIP's input size (default on, as "
+                   "parse_food.py); --no-fast_jpeg: full size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="GPU autocast precision (auto: bf16 where supported, else fp16)")
@@ -183,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for pattern, reason in unmatched:
         print(f"foodcap predict: skipped {pattern}: {reason}", file=sys.stderr)
     results: list[dict] = []
+    min_side = 2 * encoder.image_size if args.fast_jpeg else None
     from tqdm import tqdm
 
     with tqdm(total=len(paths), desc="captioning", unit="img", disable=None, file=sys.stderr) as bar:
@@ -190,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             entries, images = [], []  # entries keep input order; good ones get their captions below
             for path in paths[start:start + args.batch_size]:
                 try:
-                    images.append(load_image(path))
+                    images.append(load_image(path, min_side=min_side))
                     entries.append({"image": path})
                 except BadImageError as exc:
                     failures.append((path, exc.reason))

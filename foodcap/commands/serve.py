@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CLIP encoder (default: the one recorded in the checkpoint), as in predict.py")
     parser.add_argument("--gpt2", default=None, help="GPT-2 name or path, when the checkpoint does not record it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--fast_jpeg", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode JPEGs at the smallest DCT scale keeping 2x CLIP's input size (default on, as "
+                        "parse_food.py); --no-fast_jpeg: full size")
     parser.add_argument("--examples", default=None,
                         help="folder of example photos, '' for none; None: the repo's Images/ when present")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -69,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     config = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                          max_upload_mb=args.max_upload_mb, max_images_per_request=args.max_images,
-                         max_pixels=int(args.max_megapixels * 1e6))
+                         max_pixels=int(args.max_megapixels * 1e6), fast_jpeg=args.fast_jpeg)
     if args.examples is not None:
         config.examples_dir = Path(args.examples) if args.examples else None
         if config.examples_dir is not None and not config.examples_dir.is_dir():
