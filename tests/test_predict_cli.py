@@ -167,6 +167,18 @@ def test_eval_scores_a_feature_store_and_reports_its_captions(checkpoint, tmp_pa
                                                                            max_new_tokens=8)
     page = html.unescape((tmp_path / "eval" / "report.html").read_text())
     assert all(c in page for c in expected if c.strip())
+    assert "<img class='thumb'" not in page  # the store records no photos
+    # --eval_images: photos named by image_id in a folder become the report's thumbnails
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.open(INF[i]).save(photos / f"img{i}.jpg")
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--eval", "--data", store, "--greedy", "--max_length", "8",
+                       "--eval_dir", tmp_path / "eval2", "--eval_images", photos)
+    assert code == 0, err
+    assert (tmp_path / "eval2" / "report.html").read_text().count("<img class='thumb'") == 3
 
     code, _, err = run(capsys, "--load_pt", checkpoint, "--eval")
     assert code == 2 and "--eval needs --data" in err

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --img: caption the feature store --data and score it (as `foodcap evaluate`)")
     p.add_argument("--data", default=None, help="with --eval: feature store of the held-out split")
     p.add_argument("--eval_dir", default="./eval", help="with --eval: where metrics.json and report.html go")
+    p.add_argument("--eval_images", default=None, help="with --eval: folder of the store's photos, for the "
+                   "report's thumbnails when the store does not record them (ClipCap .pkl files)")
     g = p.add_argument_group("decoding (default: nucleus sampling at --temp, seeded)")
     g.add_argument("--beam", action="store_true", help="beam search, ranked as ClipCap ranks it")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (ClipCap's non-beam path)")
@@ -141,7 +143,8 @@ def _evaluate(args: argparse.Namespace, decoding: dict[str, Any]) -> int:
         return _fail("--eval needs --data <feature store>, e.g. ./RN50x4_RN_test.pkl")
     try:
         result = evaluate(args.load_pt, args.data, args.eval_dir, device=args.device, gpt2=args.gpt2,
-                          clip_model=args.clip_model_type, batch_size=args.batch_size, **decoding)
+                          clip_model=args.clip_model_type, batch_size=args.batch_size,
+                          images_dir=args.eval_images, **decoding)
     except (CheckpointError, ValueError, RuntimeError, OSError) as exc:
         return _fail(str(exc))
     print(json.dumps(result["metrics"], indent=2))
