@@ -214,19 +214,49 @@ def build_model(mcfg: ModelConfig, init_state: Optional[dict[str, torch.Tensor]]
     from .language import load_language_model
 
     carries_gpt = init_state is not None and any(k.startswith("gpt.") for k in init_state)
+    gpt = None
+    if carries_gpt and mcfg.only_prefix:
+        # ClipCap and food-fork .pt files hold all of GPT-2, usually the untouched pretrained one. When it is exactly
+        # the GPT-2 named, a frozen run rebuilds it from the name and its checkpoints hold the mapper only.
+        gpt = _named_gpt_if_identical(init_state, mcfg.gpt2)
+        if gpt is not None:
+            init_state = {k: v for k, v in init_state.items() if not k.startswith("gpt.")}
+            carries_gpt = False
+            log.info("the GPT-2 inside %s is exactly %s: checkpoints will store the mapper only", source, mcfg.gpt2)
     if carries_gpt:
         gpt_config = init_cfg.gpt2_config if init_cfg is not None and init_cfg.gpt2_config else None
         gpt = load_language_model(mcfg.gpt2, config=gpt_config) if gpt_config else load_language_model(mcfg.gpt2)
         # GPT-2 weights that came from a file cannot be rebuilt from a name: checkpoints must store them.
         mcfg.gpt2_config = gpt_config or {k: v for k, v in gpt.config.to_diff_dict().items()
                                           if not k.startswith("_") and k not in ("transformers_version", "architectures")}
-    else:
+    elif gpt is None:
         gpt = load_language_model(mcfg.gpt2)
     model = ClipCaptionModel(mcfg, gpt)
     if init_state is not None:
         _load_strict(model, init_state, source, mapper_only=not carries_gpt)
         log.info("initialised from %s (%s)", source, "mapper + GPT-2" if carries_gpt else "mapper")
     return model
+
+
+def _named_gpt_if_identical(init_state: dict[str, torch.Tensor], name: Optional[str]):
+    """The GPT-2 called `name` when every one of its weights equals the `gpt.*` tensors of `init_state`, else None
+    (also when it cannot be loaded here, e.g. offline and not cached)."""
+    from .language import load_language_model
+
+    if not name:
+        return None
+    try:
+        gpt = load_language_model(name)
+    except Exception as exc:  # noqa: BLE001 - not comparable means: keep the file's GPT-2
+        log.info("could not load %s to compare with the initial weights (%s); keeping their GPT-2", name, exc)
+        return None
+    for key, weight in gpt.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the token embeddings, compared there
+        theirs = init_state.get(f"gpt.{key}")
+        if theirs is None or theirs.shape != weight.shape or not torch.equal(theirs.to(weight.dtype), weight):
+            return None
+    return gpt
 
 
 def latest_dir(cfg: TrainConfig) -> Path:

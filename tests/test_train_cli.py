@@ -107,3 +107,26 @@ def test_tensorboard_bf16_grad_accum_max_steps_normalize_prefix(tmp_path):
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2)  # stopped inside epoch 1
     config = json.loads((out / "latest" / "config.json").read_text())
     assert config["normalize_prefix"] is True and config["append_eos"] is True  # decoding repeats both
+
+
+def test_frozen_run_from_a_clipcap_pt_saves_the_mapper_only_when_its_gpt2_is_the_named_one(tmp_path, tiny_model_factory):
+    from test_checkpoint import _clipcap_state_dict
+
+    write_store(tmp_path / "tiny_train.pkl")
+    untouched = tiny_model_factory("mlp", prefix_length=4)  # its GPT-2 is exactly `tiny`, as a food-fork .pt holds gpt2
+    torch.save(_clipcap_state_dict(untouched), tmp_path / "fork.pt")
+    tuned = tiny_model_factory("mlp", prefix_length=4)
+    with torch.no_grad():
+        tuned.gpt.transformer.h[0].mlp.c_fc.bias += 0.01  # a fine-tuned GPT-2 must be kept
+    torch.save(_clipcap_state_dict(tuned), tmp_path / "tuned.pt")
+    for name, expect_gpt in (("fork", False), ("tuned", True)):
+        out = tmp_path / name
+        assert main(["--data", str(tmp_path / "tiny_train.pkl"), "--gpt2", "tiny", "--out_dir", str(out), "--only_prefix",
+                     "--prefix_length", "4", "--weights_dir", str(tmp_path / f"{name}.pt"), "--max_steps", "1",
+                     "--no_val", "--save_every", "0", "--cpu"]) == 0
+        assert any(k.startswith("gpt.") for k in _keys(out / "best")) == expect_gpt, name
+    from foodcap.checkpoint import load_model
+
+    # the mapper-only checkpoint rebuilt from the name has the file's (identical) GPT-2 and the trained mapper
+    model = load_model(tmp_path / "fork" / "best")
+    assert all(torch.equal(a, b) for a, b in zip(model.gpt.parameters(), untouched.gpt.parameters()))
