@@ -243,7 +243,8 @@ def caption_images(captioner, images: Any, *, batch_size: int = DEFAULT_BATCH_SI
                    fast_jpeg: bool = True, **decoding: Any):
     """Image paths / bytes / PIL images -> one caption each (a list each with num_return_sequences > 1).
 
-    fast_jpeg: JPEG files decode at the smallest DCT scale keeping twice CLIP's input size, as extraction does.
+    fast_jpeg: JPEG files (paths, bytes, streams) decode at the smallest DCT scale keeping twice CLIP's input
+    size, as extraction does; PIL images passed in are used as they are.
 
     A single image gives a single result. A bad image raises foodcap.images.BadImageError naming it;
     the CLI instead skips and reports bad files.

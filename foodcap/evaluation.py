@@ -258,7 +258,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: Op
     from .features import load_features
 
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise ValueError(f"--images {images_dir}: no such folder (it should hold the split's photos, e.g. {{image_id}}.jpg)")
+        raise ValueError(f"image folder {images_dir}: no such folder (it should hold the split's photos, e.g. "
+                         "{image_id}.jpg)")
     store = load_features(data)
     captioner = load_captioner(checkpoint, device=device, gpt2=gpt2, clip_model=clip_model)
     store_dim, model_dim = store.embeddings.shape[1], captioner.config.clip_dim

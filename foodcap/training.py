@@ -218,7 +218,7 @@ def build_model(mcfg: ModelConfig, init_state: Optional[dict[str, torch.Tensor]]
     if carries_gpt and mcfg.only_prefix:
         # ClipCap and food-fork .pt files hold all of GPT-2, usually the untouched pretrained one. When it is exactly
         # the GPT-2 named, a frozen run rebuilds it from the name and its checkpoints hold the mapper only.
-        gpt = _named_gpt_if_identical(init_state, mcfg.gpt2)
+        gpt = _named_gpt_if_identical(init_state, mcfg.gpt2, init_cfg.gpt2_config if init_cfg is not None else None)
         if gpt is not None:
             init_state = {k: v for k, v in init_state.items() if not k.startswith("gpt.")}
             carries_gpt = False
@@ -238,24 +238,52 @@ def build_model(mcfg: ModelConfig, init_state: Optional[dict[str, torch.Tensor]]
     return model
 
 
-def _named_gpt_if_identical(init_state: dict[str, torch.Tensor], name: Optional[str]):
-    """The GPT-2 called `name` when every one of its weights equals the `gpt.*` tensors of `init_state`, else None
-    (also when it cannot be loaded here, e.g. offline and not cached)."""
-    from .language import load_language_model
+# GPT2Config fields that change what a frozen GPT-2 computes (dropouts do not: it runs in eval mode)
+_GPT2_FUNCTION_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                         "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                         "reorder_and_upcast_attn", "tie_word_embeddings")
+_LEGACY_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # saved by old transformers versions, never weights
+
+
+def _named_gpt_if_identical(init_state: dict[str, torch.Tensor], name: Optional[str], recorded: Optional[dict]):
+    """The GPT-2 called `name` when the `gpt.*` tensors of `init_state` are exactly it, else None.
+
+    Exactly: same configuration (`recorded`, the config the initial weights came with, against the named one, on
+    every field that changes the function), the same set of tensors (no layer more or less), the same dtypes and
+    values, and an LM head tied to the token embeddings. The named model is only looked for locally (`tiny`, a
+    folder, the Hugging Face cache): nothing is downloaded just to compare.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .language import TINY_GPT2, gpt2_config, load_language_model
 
     if not name:
         return None
     try:
-        gpt = load_language_model(name)
-    except Exception as exc:  # noqa: BLE001 - not comparable means: keep the file's GPT-2
-        log.info("could not load %s to compare with the initial weights (%s); keeping their GPT-2", name, exc)
+        named_cfg = gpt2_config(TINY_GPT2) if name == TINY_GPT2 else GPT2Config.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
         return None
-    for key, weight in gpt.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to the token embeddings, compared there
-        theirs = init_state.get(f"gpt.{key}")
-        if theirs is None or theirs.shape != weight.shape or not torch.equal(theirs.to(weight.dtype), weight):
+    if recorded:
+        theirs, ours = GPT2Config(**recorded).to_dict(), named_cfg.to_dict()
+        if any(theirs.get(k) != ours.get(k) for k in _GPT2_FUNCTION_FIELDS):
             return None
+    file_gpt = {k[len("gpt."):]: v for k, v in init_state.items()
+                if k.startswith("gpt.") and not k.endswith(_LEGACY_GPT2_BUFFERS)}
+    head = file_gpt.pop("lm_head.weight", None)
+    try:
+        gpt = load_language_model(name) if name == TINY_GPT2 else GPT2LMHeadModel.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        log.info("no local copy of %s to compare with the initial weights (%s); keeping their GPT-2", name, exc)
+        return None
+    named = {k: v for k, v in gpt.state_dict().items() if k != "lm_head.weight"}
+    if file_gpt.keys() != named.keys():
+        return None
+    for key, weight in named.items():
+        theirs = file_gpt[key]
+        if theirs.dtype != weight.dtype or theirs.shape != weight.shape or not torch.equal(theirs, weight):
+            return None
+    if head is not None and not torch.equal(head, file_gpt["transformer.wte.weight"]):
+        return None  # an untied head: not the named (tied) GPT-2
     return gpt
 
 

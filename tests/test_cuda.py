@@ -53,7 +53,9 @@ def test_training_on_cuda_with_mixed_precision(tmp_path, mixed_precision):
     from foodcap.training import train
 
     write_store(tmp_path / "tiny_train.pkl")
+    torch.cuda.reset_peak_memory_stats()
     best = train(tiny_config(tmp_path, mixed_precision=mixed_precision, max_steps=6, no_val=True))
+    assert torch.cuda.max_memory_allocated() > 0  # it ran on the GPU, not quietly on the CPU
     log = [json.loads(line) for line in (Path(best).parent / "train_log.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in log if "train_loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -71,6 +73,8 @@ def test_decoding_on_cuda_agrees_with_cpu(tiny_model_factory, tmp_path):
         logits_cpu = cpu.model(torch.zeros(6, 3, dtype=torch.long), prefixes).logits
         logits_gpu = gpu.model(torch.zeros(6, 3, dtype=torch.long, device="cuda"), prefixes.cuda()).logits
     assert torch.allclose(logits_gpu.float().cpu(), logits_cpu, atol=1e-3, rtol=1e-3)
+    default = gpu.caption_embeddings(prefixes, max_new_tokens=8)  # the autocast precision users get
+    assert len(default) == 6 and all(isinstance(c, str) for c in default)
     for options in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3)):
         captions = gpu.caption_embeddings(prefixes, precision="fp32", **options)
         assert len(captions) == 6 and all(isinstance(c, str) for c in captions)

@@ -179,6 +179,8 @@ def test_eval_scores_a_feature_store_and_reports_its_captions(checkpoint, tmp_pa
                        "--eval_dir", tmp_path / "eval2", "--eval_images", photos)
     assert code == 0, err
     assert (tmp_path / "eval2" / "report.html").read_text().count("<img class='thumb'") == 3
+    code, _, err = run(capsys, "--load_pt", checkpoint, "--eval", "--data", store, "--eval_images", tmp_path / "nope")
+    assert code == 2 and "nope: no such folder" in err
 
     code, _, err = run(capsys, "--load_pt", checkpoint, "--eval")
     assert code == 2 and "--eval needs --data" in err

@@ -239,10 +239,7 @@ def test_init_from_clipcap_pt_and_checkpoint_dir(tmp_path, tiny_model_factory):
     assert saved.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(saved[key], value), key
-    from foodcap.checkpoint import load_model
-
-    rebuilt = load_model(Path(cfg.out_dir) / "latest")
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.gpt.state_dict().values(), source.gpt.state_dict().values()))
+    assert json.loads((Path(cfg.out_dir) / "latest" / "config.json").read_text())["gpt2_config"] is None  # by name
     # Our own checkpoint directory works as a starting point as well.
     cfg2 = tiny_config(tmp_path, mapping_type=None, prefix_length=None, clip_length=None, num_layers=None,
                        init_from=str(Path(cfg.out_dir) / "latest"), lr=0.0, max_steps=1, only_prefix=True,
@@ -257,6 +254,53 @@ def test_init_from_clipcap_pt_and_checkpoint_dir(tmp_path, tiny_model_factory):
     with pytest.raises(CheckpointError, match=r"clip_dim: data 64 vs checkpoint 32"):
         train(tiny_config(tmp_path, init_from=str(tmp_path / "small.pt")))
 
+
+
+def _tiny_like_gpt(**changes):
+    """A GPT-2 whose tensors are `tiny`'s wherever the shapes allow, with config `changes`."""
+    from foodcap.language import TINY_GPT2_CONFIG, load_language_model
+
+    tiny = load_language_model("tiny")
+    gpt = load_language_model("tiny", config={**TINY_GPT2_CONFIG, **changes})
+    gpt.load_state_dict({k: v for k, v in tiny.state_dict().items() if k in gpt.state_dict()}, strict=False)
+    return gpt
+
+
+@pytest.mark.parametrize("case", ["identical", "fp16", "named_fp16", "extra_layer", "other_activation", "untied_head"])
+def test_frozen_run_drops_the_files_gpt2_only_when_it_is_exactly_the_named_one(tmp_path, tiny_model_factory, case):
+    """A frozen run from weights carrying GPT-2 saves the mapper only when that GPT-2 is exactly `--gpt2`'s."""
+    from foodcap.checkpoint import save_checkpoint
+    from foodcap.model import ClipCaptionModel
+
+    write_store(tmp_path / "tiny_train.pkl")
+    model = tiny_model_factory("mlp", only_prefix=False)
+    if case in ("extra_layer", "other_activation"):
+        changes = {"n_layer": 3} if case == "extra_layer" else {"activation_function": "relu"}
+        model = ClipCaptionModel(model.config, _tiny_like_gpt(**changes))  # layers 0-1 (or all) are tiny's
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if case == "fp16":
+        state = {k: v.half() if k.startswith("gpt.") else v for k, v in state.items()}
+    if case == "untied_head":
+        state["gpt.lm_head.weight"] = state["gpt.transformer.wte.weight"] + 0.01
+    if case == "other_activation":  # our own checkpoint dir records the activation in gpt2_config
+        init = save_checkpoint(model, tmp_path / "init")
+    else:
+        init = tmp_path / "init.pt"
+        torch.save(state, init)
+    named = "tiny"
+    if case == "named_fp16":  # --gpt2 names a local half-precision copy of the file's GPT-2
+        named = str(tmp_path / "gpt2-half")
+        model.gpt.half().save_pretrained(named)
+    cfg = tiny_config(tmp_path, mapping_type=None, prefix_length=None, clip_length=None, num_layers=None,
+                      init_from=str(init), lr=0.0, max_steps=1, only_prefix=True, no_val=True, gpt2=named)
+    train(cfg)
+    saved = state_of(Path(cfg.out_dir) / "latest")
+    assert any(k.startswith("gpt.") for k in saved) == (case != "identical")
+    recorded = json.loads((Path(cfg.out_dir) / "latest" / "config.json").read_text())["gpt2_config"]
+    if case == "extra_layer":
+        assert recorded["n_layer"] == 3 and "gpt.transformer.h.2.ln_1.weight" in saved
+    if case == "other_activation":
+        assert recorded["activation_function"] == "relu"
 
 def test_token_cache_is_keyed_by_content(tmp_path, tokenizer):
     class CountingTokenizer:
