@@ -3,7 +3,7 @@
     python -c "from foodcap.encoder_tuning import resolve_precision; print(resolve_precision('auto', 'cpu'))"
 
 Folding a frozen BatchNorm into the convolution before it gives the same function (to float rounding, about
-1e-7 relative) with one pass over the activations fewer; on the ResNet towers (RN50x4, ...) that is ~15 % of
+1e-7 relative) with one pass over the activations fewer; on the ResNet towers (RN50x4, ...) that is ~10–15 % of
 CPU time. Precision names:
 
 * `fp32`: full precision.
