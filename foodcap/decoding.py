@@ -259,7 +259,7 @@ def caption_images(captioner, images: Any, *, batch_size: int = DEFAULT_BATCH_SI
     encoder = captioner.encoder  # checks the encoder width against the checkpoint first
     results: list = []
     for chunk in _chunks(len(items), max(1, batch_size)):
-        min_side = 2 * encoder.image_size if fast_jpeg else None
+        min_side = encoder.jpeg_min_side(fast_jpeg)
         embeddings = encode_pil_images(encoder, [load_image(item, min_side=min_side) for item in items[chunk]],
                                        batch_size)
         results += caption_embeddings(captioner, embeddings, batch_size=batch_size, progress=False, **decoding)

@@ -26,6 +26,7 @@ of ResNet towers are folded into their convolutions when the encoder is built (s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .encoder_tuning import autocast_dtype
 from .safe_pickle import UnsafePickleError, read_state_dict
 from .utils import resolve_device
 
@@ -97,6 +99,11 @@ class ImageEncoder:
         size = self.preprocess_config["size"]
         return int(size if isinstance(size, int) else size[0])
 
+    def jpeg_min_side(self, fast_jpeg: bool = True) -> Optional[int]:
+        """`min_side` for images.load_image: with fast_jpeg, twice the input size (the antialiased resize then
+        sees all the detail it keeps); None decodes at full size. One rule for extraction, predict and serve."""
+        return 2 * self.image_size if fast_jpeg else None
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.visual.parameters()).dtype
@@ -125,10 +132,6 @@ class ImageEncoder:
             return self.model.encode_text(tokens).float()  # (B, D)
 
     def _autocast(self):
-        import contextlib
-
-        from .encoder_tuning import autocast_dtype
-
         dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 

@@ -117,8 +117,7 @@ def run_shard(plan: ExtractionPlan, encoder, parts_dir: Path, *, batch_size: int
                  result.resumed_batches, len(mine))
     if not todo:
         return result
-    min_side = 2 * encoder.image_size if fast_jpeg else None
-    loader = DataLoader(_ImageFiles(plan.images, encoder.transform, min_side), batch_sampler=todo, num_workers=num_workers,
+    loader = DataLoader(_ImageFiles(plan.images, encoder.transform, encoder.jpeg_min_side(fast_jpeg)), batch_sampler=todo, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
                         persistent_workers=False)
     pending = _Chunk(done_until)

@@ -178,12 +178,9 @@ class CaptionService:
             DecodingOptions.from_kwargs(**options)
         except (TypeError, ValueError) as error:
             raise RequestError(str(error)) from None
-        paths, names, images = load_request_images(files, self.config, self._min_side())
+        min_side = self.captioner.encoder.jpeg_min_side(self.config.fast_jpeg)
+        paths, names, images = load_request_images(files, self.config, min_side)
         return paths, names, images, options
-
-    def _min_side(self) -> Optional[int]:
-        size = getattr(getattr(self.captioner, "encoder", None), "image_size", None)
-        return 2 * int(size) if self.config.fast_jpeg and size else None
 
     async def caption(self, files: Any, mode: str = "beam", temperature: float = 1.0, top_p: float = 0.9,
                       num_beams: int = 5, num_captions: int = 1, seed: Optional[float] = 0,

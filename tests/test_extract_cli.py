@@ -39,6 +39,18 @@ def coco_like(tmp_path):
     return root
 
 
+class Interrupt(KeyboardInterrupt):
+    """Ctrl-C in the middle of an extraction, raised by interrupt_after."""
+
+
+def interrupt_after(last_batch: int):
+    """An `on_batch` callback that interrupts run_shard once batch `last_batch` is done."""
+    def on_batch(batch_number):
+        if batch_number == last_batch:
+            raise Interrupt
+    return on_batch
+
+
 def _run(data, out, *extra):
     argv = ["--clip_model_type", "tiny", "--data_path", str(data), "--out_dir", str(out), "--num_workers", "0",
             "--device", "cpu",  # the encoder instances the tests compare with (and patch) are the CPU ones
@@ -137,15 +149,8 @@ def test_interrupted_run_resumes_to_the_same_store(coco_like, tmp_path):
 
     run_shard(plan, enc, tmp_path / "full", batch_size=2, save_every=2)
 
-    class Interrupt(KeyboardInterrupt):
-        pass
-
-    def stop_after_three(batch_number):
-        if batch_number == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_shard(plan, enc, tmp_path / "cut", batch_size=2, save_every=2, on_batch=stop_after_three)
+        run_shard(plan, enc, tmp_path / "cut", batch_size=2, save_every=2, on_batch=interrupt_after(2))
     calls = []
     original = enc.encode_images
     enc.encode_images = lambda pixels: calls.append(len(pixels)) or original(pixels)

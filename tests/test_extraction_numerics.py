@@ -15,7 +15,7 @@ from foodcap.commands.extract import _default_workers
 from foodcap.encoder_tuning import fold_batch_norms, resolve_precision
 from foodcap.encoders import load_encoder
 
-from test_extract_cli import coco_like  # noqa: F401 - fixture
+from test_extract_cli import Interrupt, coco_like, interrupt_after  # noqa: F401 - coco_like is a fixture
 
 
 def test_folding_keeps_the_resnet_function():
@@ -93,15 +93,8 @@ def test_resume_at_another_precision_starts_afresh(coco_like, tmp_path):  # noqa
     plan = _plan(coco_like)
     fp32, bf16 = load_encoder("tiny", precision="fp32"), load_encoder("tiny", precision="bf16")
 
-    class Interrupt(KeyboardInterrupt):
-        pass
-
-    def stop(batch_number):
-        if batch_number == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_shard(plan, fp32, tmp_path / "parts", batch_size=2, save_every=1, on_batch=stop)
+        run_shard(plan, fp32, tmp_path / "parts", batch_size=2, save_every=1, on_batch=interrupt_after(1))
     again = run_shard(plan, bf16, tmp_path / "parts", batch_size=2, save_every=1)
     assert again.resumed_batches == 0 and again.encoded == len(plan.images)
     run_shard(plan, bf16, tmp_path / "clean", batch_size=2)

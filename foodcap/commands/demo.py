@@ -153,7 +153,7 @@ def _caption_photos(captioner, photos: list[Path]) -> tuple[list[Path], list[str
     good, images = [], []
     for path in photos:
         try:
-            images.append(load_image(path, min_side=2 * captioner.encoder.image_size))  # as predict.py decodes
+            images.append(load_image(path, min_side=captioner.encoder.jpeg_min_side()))  # as predict.py decodes
             good.append(path)
         except BadImageError as exc:
             log.warning("skipped photo %s: %s", path, exc.reason)

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'tiny' (offline random weights); default RN50x4")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
     g.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
+    # the choices are encoder_tuning.PRECISIONS, written out so building the parser does not import torch
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): fp16 on CUDA, bf16 on CPUs with AMX (Xeon Sapphire Rapids+, ~3x faster), "
                    "else fp32; fp32 for full precision")

@@ -189,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for pattern, reason in unmatched:
         print(f"foodcap predict: skipped {pattern}: {reason}", file=sys.stderr)
     results: list[dict] = []
-    min_side = 2 * encoder.image_size if args.fast_jpeg else None
+    min_side = encoder.jpeg_min_side(args.fast_jpeg)
     from tqdm import tqdm
 
     with tqdm(total=len(paths), desc="captioning", unit="img", disable=None, file=sys.stderr) as bar:
